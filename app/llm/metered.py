@@ -1,0 +1,194 @@
+"""A job's view of a backend: evaluation cache in front, usage counted, budget enforced.
+
+Optimizers and the evaluator only ever see a `MeteredLLM`; it has the same `generate` /
+`label_logprobs` calls as a backend, so the algorithms cannot bypass the cache or the budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Protocol
+
+from app.llm.port import (
+    BackendInfo,
+    Capability,
+    CapabilityMissing,
+    Generation,
+    GenerationRequest,
+    LabelScoreRequest,
+    LabelScores,
+    LLMBackend,
+)
+from app.llm.usage import Budget, Usage
+
+
+class CacheStore(Protocol):
+    """Durable side of the evaluation cache (Postgres or SQLite), shared by every worker and job."""
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, dict]: ...
+
+    def submit(self, key: str | None, model_id: str, value: dict, usage: Usage) -> None:
+        """Queue one answer (key None: not cacheable) and its usage; written in the background, at once."""
+
+    async def flush(self) -> None:
+        """Return once everything submitted so far is durable."""
+
+
+class LRU:
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._data: OrderedDict[str, dict] = OrderedDict()
+
+    def get(self, key: str) -> dict | None:
+        value = self._data.get(key)
+        if value is not None:
+            self._data.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: dict) -> None:
+        self._data[key] = value
+        self._data.move_to_end(key)
+        while len(self._data) > self.capacity:
+            self._data.popitem(last=False)
+
+
+def cache_key(model_id: str, kind: str, request: GenerationRequest | LabelScoreRequest) -> str:
+    payload = json.dumps([model_id, kind, asdict(request)], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+class MeteredLLM:
+    def __init__(
+        self,
+        backend: LLMBackend,
+        *,
+        usage: Usage,
+        budget: Budget,
+        store: CacheStore | None,
+        lru: LRU | None = None,
+    ) -> None:
+        self.backend = backend
+        self.usage = usage
+        self.budget = budget
+        self.store = store
+        self.lru = lru if lru is not None else LRU(50_000)
+
+    @property
+    def info(self) -> BackendInfo:
+        return self.backend.info
+
+    def require(self, capability: Capability) -> None:
+        if capability not in self.backend.info.capabilities:
+            raise CapabilityMissing(f"backend {self.backend.name!r} lacks capability {capability.value!r}")
+
+    async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        self.require(Capability.GENERATE)
+        values = await self._run(
+            "generate",
+            requests,
+            lambda r: self.backend.count_tokens_upper_bound(r.prompt + (r.system or "")) + r.max_tokens * r.n,
+            self._call_generate,
+        )
+        return [Generation(**v) for v in values]
+
+    async def label_logprobs(self, requests: Sequence[LabelScoreRequest]) -> list[LabelScores]:
+        self.require(Capability.LABEL_LOGPROBS)
+        values = await self._run(
+            "label_logprobs",
+            requests,
+            lambda r: self.backend.count_tokens_upper_bound(r.prompt) + 1,
+            self._call_label_logprobs,
+        )
+        return [LabelScores(**v) for v in values]
+
+    async def _call_generate(self, requests: list, on_result) -> list[dict]:
+        return [asdict(g) for g in await self.backend.generate(requests, on_result=on_result)]
+
+    async def _call_label_logprobs(self, requests: list, on_result) -> list[dict]:
+        return [asdict(s) for s in await self.backend.label_logprobs(requests, on_result=on_result)]
+
+    async def _run(self, kind, requests, token_bound, call) -> list[dict]:
+        model_id = self.backend.info.model_id
+        results: list[dict | None] = [None] * len(requests)
+        keys: list[str | None] = [
+            cache_key(model_id, kind, r) if r.deterministic else None for r in requests
+        ]
+        # 1. in-process LRU, 2. durable store, 3. the model. Duplicates inside one batch are sent once.
+        durable_lookup = []
+        for i, key in enumerate(keys):
+            if key is None:
+                continue
+            hit = self.lru.get(key)
+            if hit is not None:
+                results[i] = hit
+            else:
+                durable_lookup.append(key)
+        if durable_lookup and self.store is not None:
+            found = await self.store.get_many(sorted(set(durable_lookup)))
+            for i, key in enumerate(keys):
+                if results[i] is None and key in found:
+                    results[i] = found[key]
+                    self.lru.put(key, found[key])
+
+        pending: dict[str, list[int]] = {}
+        to_send: list[int] = []
+        hits = 0
+        for i, key in enumerate(keys):
+            if results[i] is not None:
+                hits += 1
+            elif key is not None and key in pending:
+                pending[key].append(i)
+                hits += 1
+            else:
+                if key is not None:
+                    pending[key] = [i]
+                to_send.append(i)
+        self.usage.cache_hits += hits
+        if not to_send:
+            return results  # type: ignore[return-value]
+
+        reserve_tokens = sum(token_bound(requests[i]) for i in to_send)
+        self.budget.reserve(self.usage, len(to_send), reserve_tokens)
+        if self.store is not None and hits:
+            self.store.submit(None, model_id, {}, Usage(cache_hits=hits))
+
+        def on_result(j: int, answer) -> None:
+            value = _as_cacheable(answer)
+            i = to_send[j]
+            key = keys[i]
+            delta = Usage(
+                llm_calls=1, prompt_tokens=value["prompt_tokens"], completion_tokens=value["completion_tokens"]
+            )
+            # Charged once per answered request, whatever retries it took inside the backend.
+            self.usage.add(delta)
+            results[i] = value
+            if key is not None:
+                self.lru.put(key, value)
+                for other in pending[key][1:]:
+                    results[other] = value
+            if self.store is not None:
+                self.store.submit(key, model_id, value, delta)
+
+        try:
+            await call([requests[i] for i in to_send], on_result)
+        finally:
+            self.budget.release(len(to_send), reserve_tokens)
+        if self.store is not None:
+            await self.store.flush()
+        missing = [i for i in to_send if results[i] is None]
+        if missing:
+            raise RuntimeError(f"backend {self.backend.name!r} did not report {len(missing)} results")
+        return results  # type: ignore[return-value]
+
+
+def _as_cacheable(answer: Generation | LabelScores) -> dict:
+    value = asdict(answer)
+    if "logprobs" in value:
+        # JSON has no -inf; keep a finite floor so cached and fresh answers compare equal.
+        value["logprobs"] = [lp if math.isfinite(lp) else -1e9 for lp in value["logprobs"]]
+    return value

@@ -1,0 +1,109 @@
+"""The optimizer contract.
+
+An optimizer is an ask/tell object: `step()` asks for candidates (possibly through the optimizer
+LLM), has them scored by the evaluator, and tells itself the scores. Between steps its whole state,
+RNG included, is `state_dict()` - plain JSON - so a worker can resume it anywhere.
+
+Optimizers import nothing from FastAPI, SQLAlchemy, Redis or SAQ.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from app.evaluation.evaluator import Evaluator
+from app.llm.metered import MeteredLLM
+from app.llm.port import Capability
+
+
+class MethodParams(BaseModel):
+    """Base of every method's parameter model: unknown fields are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(slots=True)
+class CandidateResult:
+    prompt: str
+    # Score on the optimizer's scoring set (the train split), 0..1.
+    score: float
+    step: int
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class StepReport:
+    step: int
+    candidates: list[CandidateResult]
+    message: str | None = None
+
+
+@dataclass(slots=True)
+class OptimizerContext:
+    """Everything an optimizer may touch."""
+
+    evaluator: Evaluator
+    optimizer_llm: MeteredLLM
+    initial_prompt: str
+
+
+def new_rng(seed: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(seed))
+
+
+def rng_state(rng: np.random.Generator) -> dict:
+    return rng.bit_generator.state
+
+
+def rng_from_state(state: dict) -> np.random.Generator:
+    bit_generator = np.random.PCG64()
+    bit_generator.state = state
+    return np.random.Generator(bit_generator)
+
+
+class Optimizer(ABC):
+    method: ClassVar[str]
+    params_model: ClassVar[type[MethodParams]]
+    # Capabilities the scorer backend must have, and the optimizer backend must have.
+    scorer_needs: ClassVar[frozenset[Capability]] = frozenset()
+    optimizer_needs: ClassVar[frozenset[Capability]] = frozenset()
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def __init__(self, params: MethodParams, seed: int) -> None:
+        self.params = params
+        self.seed = seed
+        self.rng = new_rng(seed)
+        # Steps completed so far; step 0 scores the initial prompt.
+        self.steps_done = 0
+
+    @property
+    @abstractmethod
+    def total_steps(self) -> int:
+        """Search steps after the initial one, for progress reporting."""
+
+    @property
+    def done(self) -> bool:
+        return self.steps_done > self.total_steps
+
+    @abstractmethod
+    async def step(self, ctx: OptimizerContext) -> StepReport:
+        """Run one step (step index = self.steps_done) and advance."""
+
+    @abstractmethod
+    def _state(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def _load_state(self, state: dict[str, Any]) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps_done": self.steps_done, "rng": rng_state(self.rng), "method": self._state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps_done = state["steps_done"]
+        self.rng = rng_from_state(state["rng"])
+        self._load_state(state["method"])

