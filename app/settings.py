@@ -3,7 +3,7 @@
 Examples:
   PROMPTOPT_DATABASE_URL=postgresql+asyncpg://postgres@127.0.0.1:5432/promptopt
   PROMPTOPT_REDIS_URL=redis://127.0.0.1:6379/0
-  PROMPTOPT_BACKENDS='{"default": {"kind": "openai_compat", "base_url": "http://vllm:8000/v1", "model": "Qwen/Qwen2.5-7B-Instruct"}}'
+  PROMPTOPT_BACKENDS='{"default": {"kind": "openai_compat", "base_url": "http://vllm:8000/v1"}}'
 """
 
 from __future__ import annotations
