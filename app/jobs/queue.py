@@ -1,0 +1,159 @@
+"""The job queue behind a small interface: SAQ on Redis, or an in-process asyncio queue (embedded mode).
+
+The queue only carries "run job X" messages. Postgres stays the source of truth: a message may be
+lost (Redis flushed) or duplicated (reconciler and SAQ's own sweep both retry); the lease in the
+job row makes a duplicate harmless and the reconciler replaces a lost one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from app.settings import QueueSettings
+
+log = logging.getLogger(__name__)
+
+# Called with the job id and a heartbeat callback the runner awaits periodically.
+JobHandler = Callable[[str, Callable[[], Awaitable[None]]], Awaitable[None]]
+
+TASK_NAME = "run_job"
+
+
+class JobQueue(Protocol):
+    async def enqueue(self, job_id: str) -> str:
+        """Send a message for `job_id`; returns the message key."""
+
+    async def has_message(self, queue_key: str) -> bool:
+        """Whether the message is still waiting or being worked on."""
+
+    async def ping(self) -> None: ...
+
+    async def run_consumer(self, handler: JobHandler, concurrency: int) -> None:
+        """Consume messages until cancelled."""
+
+    async def aclose(self) -> None: ...
+
+
+def new_queue_key(job_id: str) -> str:
+    # A fresh key per message: SAQ would silently drop a re-enqueue under an existing key.
+    return f"{job_id}:{uuid.uuid4().hex[:12]}"
+
+
+class SaqJobQueue:
+    def __init__(self, redis_url: str, settings: QueueSettings) -> None:
+        from saq import Queue
+
+        self.settings = settings
+        self.queue = Queue.from_url(redis_url, name=settings.name)
+        self._connected = False
+
+    async def _connect(self) -> None:
+        if not self._connected:
+            await self.queue.connect()
+            self._connected = True
+
+    async def enqueue(self, job_id: str) -> str:
+        await self._connect()
+        key = new_queue_key(job_id)
+        # SAQ's defaults suit short web jobs; ours run for hours (ECOSYSTEM.md section 2):
+        # no timeout, a heartbeat (fed by the runner's background task), retries, long ttl.
+        await self.queue.enqueue(
+            TASK_NAME,
+            key=key,
+            job_id=job_id,
+            timeout=0,
+            heartbeat=max(1, int(self.settings.lease_seconds)),
+            retries=self.settings.retries,
+            retry_delay=1.0,
+            retry_backoff=30.0,
+            ttl=24 * 3600,
+        )
+        return key
+
+    async def has_message(self, queue_key: str) -> bool:
+        from saq.job import TERMINAL_STATUSES
+
+        await self._connect()
+        job = await self.queue.job(queue_key)
+        return job is not None and job.status not in TERMINAL_STATUSES
+
+    async def ping(self) -> None:
+        await self._connect()
+        await self.queue.redis.ping()
+
+    async def run_consumer(self, handler: JobHandler, concurrency: int) -> None:
+        from saq import Worker
+
+        await self._connect()
+
+        async def run_job(ctx: dict, *, job_id: str) -> None:
+            saq_job = ctx["job"]
+
+            async def heartbeat() -> None:
+                await saq_job.update()
+
+            await handler(job_id, heartbeat)
+
+        worker = Worker(
+            self.queue,
+            functions=[(TASK_NAME, run_job)],
+            concurrency=concurrency,
+            timers={"sweep": max(1, int(self.settings.reconcile_seconds)), "abort": 1},
+            shutdown_grace_period_s=5,
+        )
+        try:
+            await worker.start()
+        finally:
+            await worker.stop()
+
+    async def aclose(self) -> None:
+        if self._connected:
+            await self.queue.disconnect()
+            self._connected = False
+
+
+class InProcessJobQueue:
+    """Embedded mode: messages live in this process only; the reconciler restores them after a restart."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        self._live: set[str] = set()
+
+    async def enqueue(self, job_id: str) -> str:
+        key = new_queue_key(job_id)
+        self._live.add(key)
+        await self._queue.put((key, job_id))
+        return key
+
+    async def has_message(self, queue_key: str) -> bool:
+        return queue_key in self._live
+
+    async def ping(self) -> None:
+        return None
+
+    async def run_consumer(self, handler: JobHandler, concurrency: int) -> None:
+        async def noop_heartbeat() -> None:
+            return None
+
+        async def consume() -> None:
+            while True:
+                key, job_id = await self._queue.get()
+                try:
+                    await handler(job_id, noop_heartbeat)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("job %s crashed in the in-process queue", job_id)
+                finally:
+                    self._live.discard(key)
+
+        async with asyncio.TaskGroup() as group:
+            for _ in range(concurrency):
+                group.create_task(consume())
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,316 @@
+"""All SQL about jobs. Worker writes are fenced by the attempt number (`attempts`)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.db import utcnow
+from app.jobs.models import Candidate, CandidateEvaluation, Checkpoint, Job, JobEvent, JobStatus
+from app.llm.usage import Usage
+
+
+class LeaseLost(Exception):
+    """This attempt no longer owns the job (another attempt took over, or the job was finished)."""
+
+
+def encode_cursor(*values) -> str:
+    return base64.urlsafe_b64encode(json.dumps(values, default=str).encode()).decode()
+
+
+def decode_cursor(cursor: str) -> list:
+    try:
+        values = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+    except ValueError as exc:
+        raise ValueError("malformed cursor") from exc
+    if not isinstance(values, list):
+        raise ValueError("malformed cursor")
+    return values
+
+
+@dataclass(slots=True)
+class NewCandidate:
+    step: int
+    prompt: str
+    prompt_hash: str
+    score: float
+    details: dict
+    # split -> (score, n) evaluated this step beyond the scoring split
+    evaluations: dict[str, tuple[float, int]]
+
+
+class JobRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    # --- API side -----------------------------------------------------------------------------
+
+    async def add(self, job: Job) -> Job:
+        self.session.add(job)
+        await self.session.flush()
+        return job
+
+    async def get(self, job_id: str, tenant: str | None = None) -> Job | None:
+        query = sa.select(Job).where(Job.id == job_id)
+        if tenant is not None:
+            query = query.where(Job.tenant == tenant)
+        return (await self.session.execute(query)).scalar_one_or_none()
+
+    async def list(
+        self, *, tenant: str, status: str | None, method: str | None, limit: int, cursor: str | None
+    ) -> tuple[list[Job], str | None]:
+        query = sa.select(Job).where(Job.tenant == tenant)
+        if status:
+            query = query.where(Job.status == status)
+        if method:
+            query = query.where(Job.method == method)
+        if cursor:
+            created, job_id = decode_cursor(cursor)
+            created_at = datetime.fromisoformat(created)
+            query = query.where(
+                sa.or_(Job.created_at < created_at, sa.and_(Job.created_at == created_at, Job.id < job_id))
+            )
+        query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+        rows = list((await self.session.execute(query)).scalars())
+        next_cursor = None
+        if len(rows) > limit:
+            rows = rows[:limit]
+            next_cursor = encode_cursor(rows[-1].created_at.isoformat(), rows[-1].id)
+        return rows, next_cursor
+
+    async def request_cancel(self, job_id: str) -> None:
+        await self.session.execute(
+            sa.update(Job)
+            .where(Job.id == job_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+            .values(cancel_requested=True)
+        )
+
+    async def cancel_if_queued(self, job_id: str) -> bool:
+        """A queued job is cancelled at once; a running one by its worker."""
+        result = await self.session.execute(
+            sa.update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+            .values(status=JobStatus.CANCELLED, stop_reason="cancelled", finished_at=utcnow(), cancel_requested=True)
+        )
+        return result.rowcount == 1
+
+    async def add_event(self, job_id: str, type_: str, data: dict) -> None:
+        self.session.add(JobEvent(job_id=job_id, type=type_, data=data))
+
+    async def events_after(self, job_id: str, after_id: int, limit: int = 500) -> list[JobEvent]:
+        query = (
+            sa.select(JobEvent)
+            .where(JobEvent.job_id == job_id, JobEvent.id > after_id)
+            .order_by(JobEvent.id)
+            .limit(limit)
+        )
+        return list((await self.session.execute(query)).scalars())
+
+    async def candidates(
+        self, job_id: str, *, order: str, limit: int, cursor: str | None
+    ) -> tuple[list[tuple[Candidate, dict[str, float]]], str | None]:
+        query = sa.select(Candidate).where(Candidate.job_id == job_id)
+        if order == "score":
+            if cursor:
+                score, cand_id = decode_cursor(cursor)
+                query = query.where(
+                    sa.or_(Candidate.score < score, sa.and_(Candidate.score == score, Candidate.id > cand_id))
+                )
+            query = query.order_by(Candidate.score.desc(), Candidate.id)
+        else:
+            if cursor:
+                (cand_id,) = decode_cursor(cursor)
+                query = query.where(Candidate.id > cand_id)
+            query = query.order_by(Candidate.id)
+        rows = list((await self.session.execute(query.limit(limit + 1))).scalars())
+        next_cursor = None
+        if len(rows) > limit:
+            rows = rows[:limit]
+            last = rows[-1]
+            next_cursor = encode_cursor(last.score, last.id) if order == "score" else encode_cursor(last.id)
+        evaluations: dict[int, dict[str, float]] = {row.id: {} for row in rows}
+        if rows:
+            evals = await self.session.execute(
+                sa.select(CandidateEvaluation).where(CandidateEvaluation.candidate_id.in_(list(evaluations)))
+            )
+            for ev in evals.scalars():
+                evaluations[ev.candidate_id][ev.split] = ev.score
+        return [(row, evaluations[row.id]) for row in rows], next_cursor
+
+    async def counts_by_status(self) -> dict[str, int]:
+        rows = await self.session.execute(sa.select(Job.status, sa.func.count()).group_by(Job.status))
+        return {status: count for status, count in rows.all()}
+
+    # --- reconciler ---------------------------------------------------------------------------
+
+    async def reconcilable(self, *, queued_grace_seconds: float) -> list[Job]:
+        """Jobs that may have lost their queue message: queued a while, or running with a dead lease."""
+        now = utcnow()
+        query = sa.select(Job).where(
+            sa.or_(
+                sa.and_(Job.status == JobStatus.QUEUED, Job.created_at < now - timedelta(seconds=queued_grace_seconds)),
+                sa.and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now),
+            )
+        )
+        return list((await self.session.execute(query.limit(1000))).scalars())
+
+    async def set_queue_key(self, job_id: str, queue_key: str) -> None:
+        await self.session.execute(sa.update(Job).where(Job.id == job_id).values(queue_key=queue_key))
+
+    # --- worker side (fenced) ---------------------------------------------------------------
+
+    async def acquire_lease(self, job_id: str, *, worker_id: str, lease_seconds: float) -> Job | None:
+        """Start a new attempt if the job is queued or its last attempt's lease expired."""
+        now = utcnow()
+        result = await self.session.execute(
+            sa.update(Job)
+            .where(
+                Job.id == job_id,
+                Job.cancel_requested.is_(False),
+                sa.or_(
+                    Job.status == JobStatus.QUEUED,
+                    sa.and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now),
+                ),
+            )
+            .values(
+                status=JobStatus.RUNNING,
+                attempts=Job.attempts + 1,
+                lease_expires_at=now + timedelta(seconds=lease_seconds),
+                worker_id=worker_id,
+                started_at=sa.func.coalesce(Job.started_at, now),
+            )
+            .returning(Job.id)
+        )
+        if result.scalar_one_or_none() is None:
+            return None
+        job = await self.get(job_id)
+        await self.session.refresh(job)
+        return job
+
+    async def _fenced_update(self, job_id: str, attempt: int, **values) -> None:
+        result = await self.session.execute(
+            sa.update(Job)
+            .where(Job.id == job_id, Job.attempts == attempt, Job.status == JobStatus.RUNNING)
+            .values(**values)
+        )
+        if result.rowcount != 1:
+            raise LeaseLost(job_id)
+
+    async def heartbeat(self, job_id: str, attempt: int, lease_seconds: float) -> None:
+        await self._fenced_update(job_id, attempt, lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+
+    async def cancel_requested(self, job_id: str) -> bool:
+        value = await self.session.execute(sa.select(Job.cancel_requested).where(Job.id == job_id))
+        return bool(value.scalar_one_or_none())
+
+    async def checkpoint(self, job_id: str) -> Checkpoint | None:
+        return await self.session.get(Checkpoint, job_id)
+
+    async def save_step(
+        self,
+        job_id: str,
+        attempt: int,
+        *,
+        step: int,
+        total_steps: int,
+        candidates: Sequence[NewCandidate],
+        state: dict,
+        initial: dict | None,
+        best: dict | None,
+        elapsed_seconds: float,
+        event: dict,
+    ) -> None:
+        """One transaction per optimizer step: candidates, evaluations, checkpoint, progress, event."""
+        await self._fenced_update(
+            job_id,
+            attempt,
+            step=step,
+            total_steps=total_steps,
+            initial=initial,
+            best=best,
+            elapsed_seconds=elapsed_seconds,
+        )
+        for cand in candidates:
+            row = Candidate(
+                job_id=job_id,
+                step=cand.step,
+                prompt=cand.prompt,
+                prompt_hash=cand.prompt_hash,
+                score=cand.score,
+                details=cand.details,
+            )
+            self.session.add(row)
+            await self.session.flush()
+            for split, (score, n) in cand.evaluations.items():
+                self.session.add(CandidateEvaluation(candidate_id=row.id, split=split, score=score, n_examples=n))
+        existing = await self.session.get(Checkpoint, job_id)
+        if existing is None:
+            self.session.add(Checkpoint(job_id=job_id, step=step, attempt=attempt, state=state))
+        else:
+            existing.step, existing.attempt, existing.state = step, attempt, state
+        await self.add_event(job_id, "step", event)
+
+    async def record_evaluation(self, job_id: str, prompt_hash: str, split: str, score: float, n: int) -> None:
+        """Attach a held-out score to the (latest) candidate row with that prompt."""
+        cand_id = (
+            await self.session.execute(
+                sa.select(Candidate.id)
+                .where(Candidate.job_id == job_id, Candidate.prompt_hash == prompt_hash)
+                .order_by(Candidate.id.desc())
+                .limit(1)
+            )
+        ).scalar_one_or_none()
+        if cand_id is None:
+            return
+        exists = await self.session.execute(
+            sa.select(CandidateEvaluation.id).where(
+                CandidateEvaluation.candidate_id == cand_id, CandidateEvaluation.split == split
+            )
+        )
+        if exists.scalar_one_or_none() is None:
+            self.session.add(CandidateEvaluation(candidate_id=cand_id, split=split, score=score, n_examples=n))
+
+    async def finish(
+        self,
+        job_id: str,
+        attempt: int,
+        *,
+        status: JobStatus,
+        stop_reason: str,
+        initial: dict | None,
+        best: dict | None,
+        elapsed_seconds: float,
+        error: str | None = None,
+    ) -> None:
+        await self._fenced_update(
+            job_id,
+            attempt,
+            status=status,
+            stop_reason=stop_reason,
+            initial=initial,
+            best=best,
+            elapsed_seconds=elapsed_seconds,
+            error=error,
+            finished_at=utcnow(),
+            lease_expires_at=None,
+        )
+        await self.add_event(job_id, "state", {"status": status.value, "stop_reason": stop_reason, "error": error})
+
+    async def charge_usage(self, job_id: str, usage: Usage) -> None:
+        """Usage is charged as calls complete (not per step), so a killed attempt's spend is kept."""
+        await self.session.execute(
+            sa.update(Job)
+            .where(Job.id == job_id)
+            .values(
+                llm_calls=Job.llm_calls + usage.llm_calls,
+                prompt_tokens=Job.prompt_tokens + usage.prompt_tokens,
+                completion_tokens=Job.completion_tokens + usage.completion_tokens,
+                cache_hits=Job.cache_hits + usage.cache_hits,
+            )
+        )

@@ -1,0 +1,189 @@
+"""Job payloads. `JobCreate` is discriminated by `method`; each method brings its own params model."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from functools import cache
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model, field_validator, model_validator
+
+from app.evaluation.metrics import METRICS
+from app.evaluation.templates import INPUT_SLOT, PROMPT_SLOT
+from app.optimizers.registry import METHODS
+
+MetricName = Literal["exact_match", "contains", "label_accuracy", "numeric", "f1"]
+assert set(MetricName.__args__) == set(METRICS)  # type: ignore[attr-defined]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SplitIn(Strict):
+    train: float = Field(0.5, gt=0, le=1)
+    dev: float = Field(0.25, ge=0, le=1)
+    test: float = Field(0.25, ge=0, le=1)
+    seed: int = 0
+
+
+class TaskIn(Strict):
+    dataset: str = Field(..., min_length=1, description="A dataset id or `builtin:<name>`.")
+    template: str | None = Field(
+        None, description="Text with `{prompt}` and `{input}`; default: the builtin task's template."
+    )
+    metric: MetricName | None = None
+    labels: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=2)
+    verbalizer: dict[str, str] | None = None
+    split: SplitIn = Field(default_factory=SplitIn)
+    max_new_tokens: int | None = Field(None, ge=1, le=4096)
+
+    @field_validator("template")
+    @classmethod
+    def _slots(cls, value: str | None) -> str | None:
+        if value is not None:
+            missing = [slot for slot in (PROMPT_SLOT, INPUT_SLOT) if slot not in value]
+            if missing:
+                raise ValueError(f"template must contain {' and '.join(missing)}")
+        return value
+
+    @model_validator(mode="after")
+    def _verbalizer_keys(self) -> TaskIn:
+        if self.verbalizer is not None:
+            if self.labels is None:
+                raise ValueError("verbalizer needs labels")
+            unknown = sorted(set(self.verbalizer) - set(self.labels))
+            if unknown:
+                raise ValueError(f"verbalizer keys {unknown} are not labels; allowed: {self.labels}")
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels must be distinct")
+        return self
+
+
+class BackendsIn(Strict):
+    scorer: str = Field("default", description="Backend that runs the prompt being optimized.")
+    optimizer: str = Field("default", description="Backend that proposes / edits prompts.")
+
+
+class BudgetIn(Strict):
+    max_llm_calls: int | None = Field(2000, ge=1, description="Hard cap on LLM requests (cache hits are free).")
+    max_tokens: int | None = Field(None, ge=1, description="Hard cap on prompt + completion tokens.")
+    max_seconds: float | None = Field(None, gt=0, description="Hard cap on wall time across attempts.")
+
+
+class JobCreateBase(Strict):
+    task: TaskIn
+    initial_prompt: str | None = Field(None, max_length=20_000, description="Default: the builtin task's prompt.")
+    backends: BackendsIn = Field(default_factory=BackendsIn)
+    budget: BudgetIn = Field(default_factory=BudgetIn)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
+def _apply_preset(method_cls):
+    def apply(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("params"), dict) and "preset" in data["params"]:
+            params = dict(data["params"])
+            preset = params.pop("preset")
+            if preset not in method_cls.presets:
+                raise ValueError(f"params.preset: unknown preset {preset!r}; allowed: {sorted(method_cls.presets)}")
+            data = {**data, "params": {**method_cls.presets[preset], **params}}
+        return data
+
+    return model_validator(mode="before")(apply)
+
+
+@cache
+def job_create_models() -> dict[str, type[JobCreateBase]]:
+    models = {}
+    for name, method_cls in METHODS.items():
+        models[name] = create_model(
+            f"{method_cls.__name__}JobCreate",
+            __base__=JobCreateBase,
+            __validators__={"_preset": _apply_preset(method_cls)},
+            method=(Literal[name], ...),
+            params=(method_cls.params_model, Field(default_factory=method_cls.params_model)),
+        )
+    return models
+
+
+@cache
+def job_create_adapter() -> TypeAdapter:
+    models = tuple(job_create_models().values())
+    if len(models) == 1:
+        return TypeAdapter(models[0])
+    from typing import Union
+
+    return TypeAdapter(Annotated[Union[models], Field(discriminator="method")])  # noqa: UP007
+
+
+class Progress(BaseModel):
+    step: int
+    total_steps: int
+    fraction: float
+
+
+class UsageOut(BaseModel):
+    llm_calls: int
+    prompt_tokens: int
+    completion_tokens: int
+    cache_hits: int
+
+
+class PromptResult(BaseModel):
+    prompt: Any
+    dev_score: float | None = None
+    test_score: float | None = None
+    train_score: float | None = None
+    step: int | None = None
+
+
+class JobRead(BaseModel):
+    id: str
+    method: str
+    status: str
+    stop_reason: str | None
+    progress: Progress
+    usage: UsageOut
+    initial: PromptResult | None
+    best: PromptResult | None
+    attempts: int
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    spec: dict | None = Field(None, description="The job as submitted, defaults filled in.")
+
+
+class JobPage(BaseModel):
+    items: list[JobRead]
+    next_cursor: str | None
+
+
+class CandidateRead(BaseModel):
+    id: int
+    step: int
+    prompt: str
+    score: float
+    dev_score: float | None
+    test_score: float | None
+    created_at: datetime
+
+
+class CandidatePage(BaseModel):
+    items: list[CandidateRead]
+    next_cursor: str | None
+
+
+class PredictIn(Strict):
+    inputs: list[str] = Field(..., min_length=1, max_length=1000)
+    use: Literal["best", "initial"] = "best"
+
+
+class Prediction(BaseModel):
+    input: str
+    output: str
+
+
+class PredictOut(BaseModel):
+    prompt: str
+    predictions: list[Prediction]

