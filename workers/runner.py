@@ -16,10 +16,10 @@ from app.datasets.repository import DatasetRepository
 from app.datasets.service import resolve_examples
 from app.db import Database
 from app.evaluation.evaluator import Evaluator
-from app.evaluation.splits import SplitSpec
-from app.evaluation.task import Example, Task
+from app.evaluation.task import Task
 from app.jobs.models import Job, JobStatus, StopReason
 from app.jobs.repository import JobRepository, LeaseLost, NewCandidate
+from app.jobs.service import task_from_spec
 from app.llm.cache_store import DurableCacheStore
 from app.llm.metered import LRU, MeteredLLM
 from app.llm.registry import BackendRegistry
@@ -35,19 +35,6 @@ Heartbeat = Callable[[], Awaitable[None]]
 
 def prompt_hash(prompt: str) -> str:
     return hashlib.md5(prompt.encode("utf-8")).hexdigest()
-
-
-def build_task(spec: dict, examples: list[dict]) -> Task:
-    task = spec["task"]
-    return Task(
-        examples=[Example(ex["input"], ex["target"]) for ex in examples],
-        template=task["template"],
-        metric=task["metric"],
-        labels=task.get("labels"),
-        verbalizer=task.get("verbalizer"),
-        split=SplitSpec(**task["split"]),
-        max_new_tokens=task.get("max_new_tokens") or 64,
-    )
 
 
 @dataclass(slots=True)
@@ -134,7 +121,7 @@ class JobRunner:
             optimizer.load_state_dict(state["optimizer"])
             attempt.engine = state["engine"]
 
-        task = build_task(spec, examples)
+        task = task_from_spec(spec, examples)
         usage = Usage(job.llm_calls, job.prompt_tokens, job.completion_tokens, job.cache_hits)
         caps = spec.get("budget") or {}
         store = DurableCacheStore(self.db, job.id)
@@ -201,7 +188,9 @@ class JobRunner:
 
     def _final_reserve(self, task: Task, initial_prompt: str, backend) -> tuple[int, int]:
         test = task.split_examples("test")
-        per_prompt = sum(backend.count_tokens_upper_bound(task.template + ex.input) + task.max_new_tokens for ex in test)
+        per_prompt = sum(
+            backend.count_tokens_upper_bound(task.template + ex.input) + task.max_new_tokens for ex in test
+        )
         # The best prompt may be longer than the initial one: allow 200 extra tokens of instruction per example.
         tokens = 2 * per_prompt + len(test) * (backend.count_tokens_upper_bound(initial_prompt) + 200)
         return 2 * len(test), tokens

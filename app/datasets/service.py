@@ -71,7 +71,7 @@ def parse_jsonl(name: str, raw: bytes) -> DatasetCreate:
         except ValidationError as exc:
             err = exc.errors()[0]
             loc = ["file", f"line {number}", *[str(p) for p in err["loc"]]]
-            raise InvalidPayload(loc, err["msg"] + "; each line must be {\"input\": str, \"target\": str}") from exc
+            raise InvalidPayload(loc, err["msg"] + '; each line must be {"input": str, "target": str}') from exc
     try:
         return DatasetCreate(name=name, examples=examples)
     except ValidationError as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from functools import cache
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model, field_validator, model_validator
 
@@ -107,13 +107,17 @@ def job_create_models() -> dict[str, type[JobCreateBase]]:
 
 
 @cache
-def job_create_adapter() -> TypeAdapter:
+def job_create_type() -> Any:
+    """The request body type of POST /v1/jobs: one model per method, discriminated by `method`."""
     models = tuple(job_create_models().values())
     if len(models) == 1:
-        return TypeAdapter(models[0])
-    from typing import Union
+        return models[0]
+    return Annotated[Union[models], Field(discriminator="method")]  # noqa: UP007
 
-    return TypeAdapter(Annotated[Union[models], Field(discriminator="method")])  # noqa: UP007
+
+@cache
+def job_create_adapter() -> TypeAdapter:
+    return TypeAdapter(job_create_type())
 
 
 class Progress(BaseModel):

@@ -7,6 +7,8 @@ import uuid
 from app.datasets.repository import DatasetRepository
 from app.datasets.service import BUILTIN_PREFIX, builtin_task, resolve_examples
 from app.errors import InvalidPayload, NotFound
+from app.evaluation.splits import SplitSpec
+from app.evaluation.task import Example, Task
 from app.jobs.models import Job, JobStatus
 from app.jobs.repository import JobRepository
 from app.jobs.schemas import JobCreateBase, JobRead, Progress, PromptResult, UsageOut
@@ -92,6 +94,19 @@ async def submit_job(
     await jobs.add(job)
     await jobs.add_event(job.id, "state", {"status": JobStatus.QUEUED.value})
     return job
+
+
+def task_from_spec(spec: dict, examples: list[dict]) -> Task:
+    task = spec["task"]
+    return Task(
+        examples=[Example(ex["input"], ex["target"]) for ex in examples],
+        template=task["template"],
+        metric=task["metric"],
+        labels=task.get("labels"),
+        verbalizer=task.get("verbalizer"),
+        split=SplitSpec(**task["split"]),
+        max_new_tokens=task.get("max_new_tokens") or 64,
+    )
 
 
 def job_read(job: Job, *, with_spec: bool = False) -> JobRead:

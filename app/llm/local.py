@@ -410,9 +410,8 @@ class LocalBackend:
             logits_to_keep=1,
             **kwargs,
         )
-        new_cache = getattr(out, "cache", None)
-        if new_cache is None:
-            new_cache = getattr(out, "past_key_values", None)
+        # (Read the cache under the name this transformers uses; the old name logs a deprecation warning.)
+        new_cache = getattr(out, self._cache_kwarg) if use_cache else None
         return out.logits[:, -1, :].float(), new_cache
 
     def _score_sync(self, ids: list[list[int]], verbalizer_ids: list[list[int | None]]) -> list[list[float]]:

@@ -115,9 +115,7 @@ class MeteredLLM:
     async def _run(self, kind, requests, token_bound, call) -> list[dict]:
         model_id = self.backend.info.model_id
         results: list[dict | None] = [None] * len(requests)
-        keys: list[str | None] = [
-            cache_key(model_id, kind, r) if r.deterministic else None for r in requests
-        ]
+        keys: list[str | None] = [cache_key(model_id, kind, r) if r.deterministic else None for r in requests]
         # 1. in-process LRU, 2. durable store, 3. the model. Duplicates inside one batch are sent once.
         durable_lookup = []
         for i, key in enumerate(keys):

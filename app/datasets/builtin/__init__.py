@@ -52,7 +52,10 @@ def _load(name: str) -> list[dict[str, str]]:
         return [{"input": text.strip(), "target": DBPEDIA_LABELS[int(label)]} for text, label in _tsv(path)]
     if name == "snli16":
         return [
-            {"input": f"Premise: {premise.strip()}\nHypothesis: {hypothesis.strip()}", "target": SNLI_LABELS[int(label)]}
+            {
+                "input": f"Premise: {premise.strip()}\nHypothesis: {hypothesis.strip()}",
+                "target": SNLI_LABELS[int(label)],
+            }
             for premise, hypothesis, label in _tsv(path)
         ]
     if name.startswith("gsm8k"):

@@ -1,0 +1,231 @@
+"""`promptopt` command line: serve, worker, migrate, demo, submit, watch, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+
+import httpx
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from app.settings import Settings
+
+cli = typer.Typer(help="promptopt: self-hosted prompt optimization.", no_args_is_help=True, add_completion=False)
+console = Console()
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+DEMO_WEAK_PROMPT = "Say whether the review is positive or negative."
+
+
+def embedded_settings(settings: Settings, database: Path | None = None) -> Settings:
+    """Embedded mode: SQLite file, in-process queue; backends as configured (default: the local model)."""
+    database = database or settings.data_dir / "promptopt.db"
+    database.parent.mkdir(parents=True, exist_ok=True)
+    return settings.model_copy(
+        update={"database_url": f"sqlite+aiosqlite:///{database}", "queue_backend": "inprocess"}
+    )
+
+
+@cli.command()
+def serve(
+    embedded: bool = typer.Option(False, help="API + worker + SQLite + in-process queue in one process."),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8000),
+) -> None:
+    """Run the HTTP API (with --embedded: everything in one process)."""
+    import uvicorn
+
+    from app.main import create_app
+
+    settings = Settings()
+    if embedded:
+        settings = embedded_settings(settings)
+    logging.basicConfig(level=settings.log_level)
+    uvicorn.run(create_app(settings, embedded=embedded), host=host, port=port)
+
+
+@cli.command()
+def worker() -> None:
+    """Run one queue worker (SAQ on Redis)."""
+    from workers.__main__ import main
+
+    asyncio.run(main())
+
+
+@cli.command()
+def migrate() -> None:
+    """Apply database migrations (alembic upgrade head)."""
+    from app.migrate import upgrade
+
+    settings = Settings()
+    upgrade(settings.database_url)
+    console.print(f"migrated {settings.database_url.split('@')[-1]}")
+
+
+def show_result(job: dict, wall_seconds: float) -> None:
+    table = Table(title=f"job {job['id']} - {job['status']} ({job['stop_reason']})", show_lines=True)
+    table.add_column("")
+    table.add_column("prompt", max_width=70)
+    table.add_column("dev", justify="right")
+    table.add_column("test", justify="right")
+
+    def fmt(value):
+        return "-" if value is None else f"{value:.3f}"
+
+    for label in ("initial", "best"):
+        entry = job.get(label) or {}
+        table.add_row(label, str(entry.get("prompt")), fmt(entry.get("dev_score")), fmt(entry.get("test_score")))
+    console.print(table)
+    usage = job["usage"]
+    summary = Table(show_header=False)
+    summary.add_row("LLM calls", str(usage["llm_calls"]))
+    summary.add_row("cache hits", str(usage["cache_hits"]))
+    summary.add_row("tokens (prompt / completion)", f"{usage['prompt_tokens']} / {usage['completion_tokens']}")
+    summary.add_row("steps", f"{job['progress']['step']} / {job['progress']['total_steps']}")
+    summary.add_row("wall time", f"{wall_seconds:.1f} s")
+    console.print(summary)
+    if job.get("error"):
+        console.print(f"[red]error:[/red] {job['error']}")
+
+
+async def follow(client: httpx.AsyncClient, job_id: str) -> dict:
+    """Poll a job with a progress bar until it ends."""
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        bar = progress.add_task("optimizing", total=None, info="queued")
+        while True:
+            job = (await client.get(f"/v1/jobs/{job_id}")).json()
+            best = job.get("best") or {}
+            info = f"{job['status']}  calls {job['usage']['llm_calls']}  hits {job['usage']['cache_hits']}"
+            if best.get("dev_score") is not None:
+                info += f"  best dev {best['dev_score']:.3f}"
+            progress.update(bar, total=job["progress"]["total_steps"], completed=job["progress"]["step"], info=info)
+            if job["status"] in TERMINAL:
+                return job
+            await asyncio.sleep(0.5)
+
+
+@cli.command()
+def demo(
+    steps: int = typer.Option(4, help="OPRO steps."),
+    candidates: int = typer.Option(4, help="Candidates per step."),
+    max_llm_calls: int = typer.Option(4000, help="Hard budget."),
+    dataset: str = typer.Option("builtin:dbpedia16"),
+    initial_prompt: str = typer.Option(DEMO_WEAK_PROMPT, help="Deliberately weak starting instruction."),
+) -> None:
+    """Run OPRO on a bundled task with the local CPU model, embedded (no Postgres/Redis needed)."""
+    settings = Settings()
+    data_dir = settings.data_dir / "demo"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    database = data_dir / "demo.db"
+    for suffix in ("", "-wal", "-shm"):  # a fresh database: every LLM call is made for real
+        Path(str(database) + suffix).unlink(missing_ok=True)
+    settings = embedded_settings(settings, database)
+    logging.basicConfig(level=logging.WARNING)
+    body = {
+        "method": "opro",
+        "task": {"dataset": dataset},
+        "initial_prompt": initial_prompt,
+        "params": {"preset": "small", "steps": steps, "candidates_per_step": candidates},
+        "budget": {"max_llm_calls": max_llm_calls},
+        "seed": 0,
+    }
+    asyncio.run(_run_demo(settings, body))
+
+
+async def _run_demo(settings: Settings, body: dict) -> None:
+    from app.main import create_app
+
+    app = create_app(settings, embedded=True)
+    console.print(f"[bold]promptopt demo[/bold]: OPRO on {body['task']['dataset']} with the local model")
+    console.print(f"starting from: [italic]{body['initial_prompt']}[/italic]")
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://demo", timeout=60) as client:
+            started = time.monotonic()
+            response = await client.post("/v1/jobs", json=body)
+            if response.status_code != 202:
+                console.print(response.json())
+                raise typer.Exit(1)
+            job = await follow(client, response.json()["id"])
+            show_result(job, time.monotonic() - started)
+    if job["status"] != "succeeded":
+        raise typer.Exit(1)
+
+
+def _client(url: str, api_key: str | None) -> httpx.AsyncClient:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return httpx.AsyncClient(base_url=url, headers=headers, timeout=30)
+
+
+@cli.command()
+def submit(
+    file: Path,
+    wait: bool = typer.Option(False, help="Follow the job until it ends."),
+    url: str = typer.Option("http://127.0.0.1:8000", envvar="PROMPTOPT_URL"),
+    api_key: str | None = typer.Option(None, envvar="PROMPTOPT_API_KEY"),
+) -> None:
+    """Submit a job from a JSON file."""
+
+    async def go() -> None:
+        async with _client(url, api_key) as client:
+            started = time.monotonic()
+            response = await client.post("/v1/jobs", json=json.loads(file.read_text()))
+            if response.status_code != 202:
+                console.print_json(response.text)
+                raise typer.Exit(1)
+            job = response.json()
+            console.print(f"submitted {job['id']}")
+            if wait:
+                show_result(await follow(client, job["id"]), time.monotonic() - started)
+
+    asyncio.run(go())
+
+
+@cli.command()
+def watch(
+    job_id: str,
+    url: str = typer.Option("http://127.0.0.1:8000", envvar="PROMPTOPT_URL"),
+    api_key: str | None = typer.Option(None, envvar="PROMPTOPT_API_KEY"),
+) -> None:
+    """Follow a job with a progress bar."""
+
+    async def go() -> None:
+        async with _client(url, api_key) as client:
+            started = time.monotonic()
+            show_result(await follow(client, job_id), time.monotonic() - started)
+
+    asyncio.run(go())
+
+
+@cli.command()
+def cancel(
+    job_id: str,
+    url: str = typer.Option("http://127.0.0.1:8000", envvar="PROMPTOPT_URL"),
+    api_key: str | None = typer.Option(None, envvar="PROMPTOPT_API_KEY"),
+) -> None:
+    """Cancel a job (idempotent)."""
+
+    async def go() -> None:
+        async with _client(url, api_key) as client:
+            response = await client.post(f"/v1/jobs/{job_id}/cancel")
+            console.print_json(response.text)
+
+    asyncio.run(go())
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,189 @@
+"""Thin HTTP layer for jobs: parse, call the service inside one transaction, enqueue after commit."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import StreamingResponse
+
+from app.datasets.repository import DatasetRepository
+from app.deps import ServicesDep, TenantDep
+from app.errors import InvalidPayload
+from app.evaluation.evaluator import Evaluator
+from app.evaluation.task import Example
+from app.jobs import service
+from app.jobs.models import JobStatus
+from app.jobs.repository import JobRepository
+from app.jobs.schemas import (
+    CandidatePage,
+    CandidateRead,
+    JobPage,
+    JobRead,
+    PredictIn,
+    Prediction,
+    PredictOut,
+    job_create_type,
+)
+from app.llm.metered import MeteredLLM
+from app.llm.usage import Budget, Usage
+from app.metrics import JOBS_SUBMITTED
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+JobCreate = job_create_type()
+
+
+async def enqueue_committed(services, job_id: str) -> None:
+    """Enqueue after the job row is committed. If the queue is down the job stays queued and the
+    reconciler enqueues it later, so an accepted job is never lost."""
+    try:
+        key = await services.queue.enqueue(job_id)
+    except Exception:
+        log.warning("enqueue of job %s failed; the reconciler will retry", job_id, exc_info=True)
+        return
+    async with services.db.transaction() as session:
+        await JobRepository(session).set_queue_key(job_id, key)
+
+
+@router.post("", status_code=202, response_model=JobRead)
+async def submit_job(payload: JobCreate, services: ServicesDep, tenant: TenantDep) -> JobRead:  # type: ignore[valid-type]
+    async with services.db.transaction() as session:
+        job = await service.submit_job(
+            payload,
+            jobs=JobRepository(session),
+            datasets=DatasetRepository(session),
+            registry=services.registry,
+            tenant=tenant,
+        )
+        read = service.job_read(job, with_spec=True)
+    JOBS_SUBMITTED.labels(method=job.method).inc()
+    await enqueue_committed(services, job.id)
+    return read
+
+
+@router.get("", response_model=JobPage)
+async def list_jobs(
+    services: ServicesDep,
+    tenant: TenantDep,
+    status: JobStatus | None = None,
+    method: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: str | None = None,
+) -> JobPage:
+    async with services.db.transaction() as session:
+        try:
+            rows, next_cursor = await JobRepository(session).list(
+                tenant=tenant, status=status, method=method, limit=limit, cursor=cursor
+            )
+        except ValueError as exc:
+            raise InvalidPayload(["query", "cursor"], str(exc)) from exc
+        return JobPage(items=[service.job_read(r) for r in rows], next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobRead)
+async def get_job(job_id: str, services: ServicesDep, tenant: TenantDep) -> JobRead:
+    async with services.db.transaction() as session:
+        return service.job_read(await service.get_job(JobRepository(session), job_id, tenant), with_spec=True)
+
+
+@router.post("/{job_id}/cancel", response_model=JobRead)
+async def cancel_job(job_id: str, services: ServicesDep, tenant: TenantDep) -> JobRead:
+    async with services.db.transaction() as session:
+        job = await service.cancel_job(JobRepository(session), job_id, tenant)
+        return service.job_read(job)
+
+
+@router.get("/{job_id}/candidates", response_model=CandidatePage)
+async def list_candidates(
+    job_id: str,
+    services: ServicesDep,
+    tenant: TenantDep,
+    order: Literal["score", "step"] = "score",
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    cursor: str | None = None,
+) -> CandidatePage:
+    async with services.db.transaction() as session:
+        repo = JobRepository(session)
+        await service.get_job(repo, job_id, tenant)
+        try:
+            rows, next_cursor = await repo.candidates(job_id, order=order, limit=limit, cursor=cursor)
+        except (ValueError, TypeError) as exc:
+            raise InvalidPayload(["query", "cursor"], "malformed cursor") from exc
+        items = [
+            CandidateRead(
+                id=row.id,
+                step=row.step,
+                prompt=row.prompt,
+                score=row.score,
+                dev_score=evals.get("dev"),
+                test_score=evals.get("test"),
+                created_at=row.created_at,
+            )
+            for row, evals in rows
+        ]
+        return CandidatePage(items=items, next_cursor=next_cursor)
+
+
+@router.get("/{job_id}/events")
+async def job_events(
+    job_id: str,
+    request: Request,
+    services: ServicesDep,
+    tenant: TenantDep,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> StreamingResponse:
+    """Server-Sent Events: every state change and step; reconnect with Last-Event-ID to resume."""
+    async with services.db.transaction() as session:
+        await service.get_job(JobRepository(session), job_id, tenant)
+    try:
+        after = int(last_event_id) if last_event_id else 0
+    except ValueError as exc:
+        raise InvalidPayload(["header", "Last-Event-ID"], "must be an integer event id") from exc
+
+    async def stream():
+        nonlocal after
+        idle = 0.0
+        while True:
+            async with services.db.transaction() as session:
+                repo = JobRepository(session)
+                events = await repo.events_after(job_id, after)
+                job = await repo.get(job_id)
+            for event in events:
+                after = event.id
+                payload = json.dumps({**event.data, "created_at": event.created_at.isoformat()})
+                yield f"id: {event.id}\nevent: {event.type}\ndata: {payload}\n\n"
+            if job is None or (JobStatus(job.status).terminal and not events):
+                return
+            if await request.is_disconnected():
+                return
+            if not events:
+                idle += 0.5
+                if idle >= 15:
+                    idle = 0.0
+                    yield ": keep-alive\n\n"
+                await asyncio.sleep(0.5)
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+@router.post("/{job_id}/predict", response_model=PredictOut)
+async def predict(job_id: str, body: PredictIn, services: ServicesDep, tenant: TenantDep) -> PredictOut:
+    """Apply the job's best (or initial) prompt to new inputs with the job's scorer backend."""
+    async with services.db.transaction() as session:
+        job = await service.get_job(JobRepository(session), job_id, tenant)
+    chosen = job.best if body.use == "best" else job.initial
+    if chosen is None:
+        raise InvalidPayload(["use"], f"job has no {body.use} prompt yet (status {job.status})")
+    task = service.task_from_spec(job.spec, [])
+    backend = await services.registry.get(job.spec["backends"]["scorer"])
+    evaluator = Evaluator(task, MeteredLLM(backend, usage=Usage(), budget=Budget(), store=None))
+    (outputs,) = await evaluator.predict([chosen["prompt"]], [Example(text, "") for text in body.inputs])
+    return PredictOut(
+        prompt=chosen["prompt"],
+        predictions=[Prediction(input=i, output=o) for i, o in zip(body.inputs, outputs, strict=True)],
+    )

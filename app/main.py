@@ -1,0 +1,121 @@
+"""create_app(): routers, lifespan, error handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.datasets.router import router as datasets_router
+from app.db import Database
+from app.deps import Services
+from app.errors import ServiceError
+from app.jobs.queue import InProcessJobQueue, JobQueue, SaqJobQueue
+from app.jobs.router import router as jobs_router
+from app.llm.registry import BackendRegistry
+from app.migrate import upgrade_async
+from app.settings import Settings
+from app.system_router import router as system_router
+
+log = logging.getLogger(__name__)
+
+
+def error_body(code: str, message: str, details=None) -> dict:
+    return {"error": {"code": code, "message": message, "details": details}}
+
+
+def _validation_details(errors) -> list[dict]:
+    details = []
+    for err in errors:
+        item = {"loc": [str(p) for p in err.get("loc", ())], "msg": err.get("msg"), "type": err.get("type")}
+        ctx = err.get("ctx") or {}
+        if "expected" in ctx:
+            item["allowed"] = ctx["expected"]
+        for bound in ("ge", "gt", "le", "lt", "min_length", "max_length"):
+            if bound in ctx:
+                item[bound] = ctx[bound]
+        details.append(item)
+    return details
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        return JSONResponse(error_body(exc.code, exc.message, exc.details), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        details = _validation_details(exc.errors())
+        message = "; ".join(f"{'.'.join(d['loc'])}: {d['msg']}" for d in details[:5])
+        return JSONResponse(error_body("validation_error", message, details), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    embedded: bool = False,
+    registry: BackendRegistry | None = None,
+    queue: JobQueue | None = None,
+) -> FastAPI:
+    """`embedded`: API, worker, SQLite and the in-process queue in one process (migrations applied)."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if embedded:
+            await upgrade_async(settings.database_url)
+        db = Database(settings.database_url)
+        job_queue = queue or (
+            InProcessJobQueue()
+            if embedded or settings.queue_backend == "inprocess"
+            else SaqJobQueue(settings.redis_url, settings.queue)
+        )
+        backends = registry or BackendRegistry(settings)
+        await backends.probe_all()
+        services = Services(settings=settings, db=db, queue=job_queue, registry=backends)
+        app.state.services = services
+        worker_task = None
+        if embedded:
+            from workers.service import run_worker
+
+            worker_task = asyncio.create_task(run_worker(settings, db, job_queue, backends))
+        try:
+            yield
+        finally:
+            if worker_task is not None:
+                worker_task.cancel()
+                with contextlib.suppress(BaseException):
+                    await worker_task
+            if queue is None:
+                await job_queue.aclose()
+            if registry is None:
+                await backends.aclose()
+            await db.dispose()
+
+    app = FastAPI(
+        title="promptopt",
+        version="0.1.0",
+        description="Self-hosted prompt optimization: submit a job, poll or stream it, read the best prompt.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(jobs_router)
+    app.include_router(datasets_router)
+    app.include_router(system_router)
+    return app

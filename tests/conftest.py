@@ -1,0 +1,172 @@
+"""Shared fixtures: a fresh Postgres database and Redis queue per test session, the fake vLLM server at
+the LLM boundary, the API app, and in-process workers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from app.db import Database
+from app.jobs.queue import SaqJobQueue
+from app.llm.registry import BackendRegistry
+from app.main import create_app
+from app.migrate import upgrade_async
+from app.settings import BackendSettings, QueueSettings, Settings
+from tests.fakes.fake_vllm import FakeVLLMServer
+
+PG_ADMIN = os.environ.get("PROMPTOPT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("PROMPTOPT_TEST_REDIS", "redis://127.0.0.1:6379/0")
+SESSION_TAG = f"{os.getpid()}_{uuid.uuid4().hex[:6]}"
+TEST_DB = f"promptopt_test_{SESSION_TAG}"
+TEST_DB_URL = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://") + "/" + TEST_DB
+
+
+@pytest.fixture(scope="session")
+async def database_url() -> AsyncIterator[str]:
+    conn = await asyncpg.connect(PG_ADMIN)
+    await conn.execute(f'CREATE DATABASE "{TEST_DB}"')
+    await conn.close()
+    await upgrade_async(TEST_DB_URL)
+    yield TEST_DB_URL
+    conn = await asyncpg.connect(PG_ADMIN)
+    await conn.execute(f'DROP DATABASE IF EXISTS "{TEST_DB}" WITH (FORCE)')
+    await conn.close()
+
+
+@pytest.fixture(scope="session")
+def fake_llm() -> FakeVLLMServer:
+    with FakeVLLMServer() as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def _reset_fake(request):
+    if "fake_llm" in request.fixturenames:
+        request.getfixturevalue("fake_llm").reset()
+
+
+def make_settings(database_url: str, fake_base_url: str, **queue_overrides) -> Settings:
+    queue = QueueSettings(
+        name=f"promptopt-test-{SESSION_TAG}",
+        lease_seconds=3.0,
+        heartbeat_seconds=0.5,
+        reconcile_seconds=0.5,
+        cancel_poll_seconds=0.2,
+        concurrency=2,
+        **queue_overrides,
+    )
+    return Settings(
+        database_url=database_url,
+        redis_url=REDIS_URL,
+        queue_backend="saq",
+        queue=queue,
+        backends={
+            "default": BackendSettings(kind="openai_compat", base_url=fake_base_url, max_concurrency=16),
+            "local": BackendSettings(kind="local", batch_size=16),
+        },
+    )
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The same settings as environment variables, for worker subprocesses."""
+    return {
+        "PROMPTOPT_DATABASE_URL": settings.database_url,
+        "PROMPTOPT_REDIS_URL": settings.redis_url,
+        "PROMPTOPT_QUEUE_BACKEND": settings.queue_backend,
+        "PROMPTOPT_QUEUE": settings.queue.model_dump_json(),
+        "PROMPTOPT_BACKENDS": json.dumps({k: v.model_dump() for k, v in settings.backends.items()}),
+        "PROMPTOPT_DATA_DIR": str(settings.data_dir),
+    }
+
+
+@pytest.fixture
+def settings(database_url: str, fake_llm: FakeVLLMServer) -> Settings:
+    return make_settings(database_url, fake_llm.base_url)
+
+
+@pytest.fixture
+async def db(settings: Settings) -> AsyncIterator[Database]:
+    database = Database(settings.database_url)
+    yield database
+    await database.dispose()
+
+
+@pytest.fixture
+async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            client.app = app  # type: ignore[attr-defined]
+            yield client
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings) -> AsyncIterator[None]:
+    """An in-process worker (real SAQ on Redis, real Postgres) for the duration of the block."""
+    from workers.service import run_worker
+
+    db = Database(settings.database_url)
+    queue = SaqJobQueue(settings.redis_url, settings.queue)
+    registry = BackendRegistry(settings)
+    task = asyncio.create_task(run_worker(settings, db, queue, registry))
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        await queue.aclose()
+        await registry.aclose()
+        await db.dispose()
+
+
+@pytest.fixture
+async def worker(settings: Settings) -> AsyncIterator[None]:
+    async with running_worker(settings):
+        yield
+
+
+@pytest.fixture
+async def redis_client() -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(REDIS_URL)
+    yield client
+    await client.aclose()
+
+
+async def wait_for_status(client: httpx.AsyncClient, job_id: str, statuses: set[str], timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = (await client.get(f"/v1/jobs/{job_id}")).json()
+        if job["status"] in statuses:
+            return job
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job_id} still {job['status']} after {timeout}s: {job}")
+        await asyncio.sleep(0.1)
+
+
+def label_job(**overrides) -> dict:
+    """A small label-classification job on the bundled SNLI task, against the fake backend."""
+    body = {
+        "method": "opro",
+        "task": {"dataset": "builtin:snli16"},
+        "params": {"steps": 2, "candidates_per_step": 3, "exemplars_per_step": 2},
+        "budget": {"max_llm_calls": 2000},
+        "seed": 0,
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(body.get(key), dict):
+            body[key] = {**body[key], **value}
+        else:
+            body[key] = value
+    return body

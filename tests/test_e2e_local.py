@@ -1,0 +1,28 @@
+"""End to end with the real local model (SmolLM2-135M on CPU) on a tiny budget, through the HTTP API,
+a real SAQ worker on Redis and real Postgres."""
+
+from __future__ import annotations
+
+from tests.conftest import label_job, wait_for_status
+
+
+async def test_opro_job_with_local_model(app_client, worker):
+    body = label_job(
+        backends={"scorer": "local", "optimizer": "local"},
+        params={"steps": 1, "candidates_per_step": 2, "exemplars_per_step": 1, "optimizer_max_tokens": 40},
+        budget={"max_llm_calls": 400},
+    )
+    response = await app_client.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    job = await wait_for_status(app_client, response.json()["id"], {"succeeded", "failed"}, timeout=300)
+    assert job["status"] == "succeeded", job
+    assert job["stop_reason"] in {"completed", "budget"}
+    assert 0 < job["usage"]["llm_calls"] <= 400
+    for key in ("initial", "best"):
+        assert 0.0 <= job[key]["test_score"] <= 1.0
+    candidates = (await app_client.get(f"/v1/jobs/{job['id']}/candidates")).json()["items"]
+    assert candidates[0]["prompt"]
+
+    predicted = await app_client.post(f"/v1/jobs/{job['id']}/predict", json={"inputs": ["Premise: A dog runs.\nHypothesis: An animal moves."]})
+    assert predicted.status_code == 200
+    assert predicted.json()["predictions"][0]["output"] in {"entailment", "neutral", "contradiction"}

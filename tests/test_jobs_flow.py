@@ -1,0 +1,192 @@
+"""Jobs through the HTTP API with a real SAQ worker on Redis and real Postgres; the LLM is the fake
+vLLM server (the only double, at the network edge)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import sqlalchemy as sa
+
+from app.jobs.models import Job
+from app.jobs.reconciler import reconcile_once
+from app.jobs.repository import JobRepository, LeaseLost
+from tests.conftest import label_job, running_worker, wait_for_status
+
+
+async def test_submit_runs_to_success(app_client, worker, fake_llm):
+    response = await app_client.post("/v1/jobs", json=label_job())
+    assert response.status_code == 202
+    job = await wait_for_status(app_client, response.json()["id"], {"succeeded", "failed"})
+    assert job["status"] == "succeeded", job
+    assert job["stop_reason"] == "completed"
+    assert job["progress"] == {"step": 2, "total_steps": 2, "fraction": 1.0}
+    assert job["attempts"] == 1
+    for key in ("initial", "best"):
+        assert job[key]["dev_score"] is not None and job[key]["test_score"] is not None
+    assert job["best"]["dev_score"] >= job["initial"]["dev_score"]
+    assert job["initial"]["prompt"] == "Decide whether the hypothesis follows from the premise."
+
+    # Usage is exact: every request the fake server answered is one charged call.
+    assert job["usage"]["llm_calls"] == fake_llm.count(("chat", "completions"))
+    assert job["usage"]["prompt_tokens"] > 0
+
+    candidates = (await app_client.get(f"/v1/jobs/{job['id']}/candidates?order=score")).json()["items"]
+    assert candidates, "every evaluated candidate is listed"
+    assert candidates == sorted(candidates, key=lambda c: -c["score"])
+    assert {c["step"] for c in candidates} <= {0, 1, 2}
+    assert any(c["test_score"] is not None for c in candidates)
+
+    page = (await app_client.get(f"/v1/jobs/{job['id']}/candidates?order=step&limit=2")).json()
+    assert len(page["items"]) == 2 and page["next_cursor"]
+    rest = (await app_client.get(f"/v1/jobs/{job['id']}/candidates?order=step&cursor={page['next_cursor']}")).json()
+    assert len(page["items"]) + len(rest["items"]) == len(candidates)
+
+
+async def test_events_stream_resumes_with_last_event_id(app_client, worker):
+    job_id = (await app_client.post("/v1/jobs", json=label_job())).json()["id"]
+    await wait_for_status(app_client, job_id, {"succeeded"})
+
+    async def read_events(headers=None) -> list[tuple[int, str, dict]]:
+        events = []
+        async with app_client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers or {}) as response:
+            assert response.headers["content-type"].startswith("text/event-stream")
+            block: dict = {}
+            async for line in response.aiter_lines():
+                if not line:
+                    if block:
+                        events.append((int(block["id"]), block["event"], json.loads(block["data"])))
+                    block = {}
+                elif not line.startswith(":"):
+                    field, _, value = line.partition(": ")
+                    block[field] = value
+        return events
+
+    events = await read_events()
+    kinds = [kind for _, kind, _ in events]
+    assert kinds[0] == "state" and events[0][2]["status"] == "queued"
+    assert kinds.count("step") == 3  # the initial prompt, then two search steps
+    assert events[-1][2]["status"] == "succeeded"
+    resumed = await read_events({"Last-Event-ID": str(events[2][0])})
+    assert resumed == events[3:]
+
+
+async def test_budget_stop_never_exceeds_cap(app_client, worker, fake_llm):
+    cap = 150
+    body = label_job(params={"steps": 50, "candidates_per_step": 4}, budget={"max_llm_calls": cap})
+    job_id = (await app_client.post("/v1/jobs", json=body)).json()["id"]
+    job = await wait_for_status(app_client, job_id, {"succeeded", "failed"})
+    assert job["status"] == "succeeded" and job["stop_reason"] == "budget", job
+    assert 0 < job["usage"]["llm_calls"] <= cap
+    assert fake_llm.count(("chat", "completions")) == job["usage"]["llm_calls"]
+    assert job["best"]["prompt"] and job["best"]["test_score"] is not None  # best so far, scored on test
+
+
+async def test_token_budget(app_client, worker):
+    body = label_job(params={"steps": 50}, budget={"max_llm_calls": None, "max_tokens": 30_000})
+    job = await wait_for_status(app_client, (await app_client.post("/v1/jobs", json=body)).json()["id"], {"succeeded"})
+    assert job["stop_reason"] == "budget"
+    assert job["usage"]["prompt_tokens"] + job["usage"]["completion_tokens"] <= 30_000
+
+
+async def test_cancel_while_running_keeps_results(app_client, worker, fake_llm):
+    fake_llm.latency_s = 0.05
+    body = label_job(params={"steps": 200, "candidates_per_step": 4})
+    job_id = (await app_client.post("/v1/jobs", json=body)).json()["id"]
+    deadline = time.monotonic() + 60
+    while (await app_client.get(f"/v1/jobs/{job_id}")).json()["progress"]["step"] < 1:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    cancelled_at = time.monotonic()
+    response = await app_client.post(f"/v1/jobs/{job_id}/cancel")
+    assert response.status_code == 200
+    job = await wait_for_status(app_client, job_id, {"cancelled", "succeeded", "failed"}, timeout=10)
+    took = time.monotonic() - cancelled_at
+    assert job["status"] == "cancelled" and job["stop_reason"] == "cancelled"
+    assert took < 3.0, f"cancel took {took:.1f}s"
+    assert job["best"] is not None
+    candidates = (await app_client.get(f"/v1/jobs/{job_id}/candidates")).json()["items"]
+    assert len(candidates) >= 2
+    # No calls after the cancel landed (allow the requests already in flight).
+    calls_then = fake_llm.count()
+    await asyncio.sleep(1.0)
+    assert fake_llm.count() == calls_then
+    again = await app_client.post(f"/v1/jobs/{job_id}/cancel")
+    assert again.json()["status"] == "cancelled"  # idempotent
+
+
+async def test_cancel_queued_job_is_immediate(app_client):
+    job_id = (await app_client.post("/v1/jobs", json=label_job())).json()["id"]
+    job = (await app_client.post(f"/v1/jobs/{job_id}/cancel")).json()
+    assert job["status"] == "cancelled"
+
+
+async def test_redis_flushall_reconciler_restores_jobs(app_client, settings, redis_client):
+    ids = [(await app_client.post("/v1/jobs", json=label_job(seed=s))).json()["id"] for s in (11, 12)]
+    await redis_client.flushall()
+    async with running_worker(settings):
+        for job_id in ids:
+            job = await wait_for_status(app_client, job_id, {"succeeded", "failed"})
+            assert job["status"] == "succeeded"
+
+
+async def test_reconciler_enqueues_committed_but_unqueued(settings, db, app_client):
+    """Crash between commit and enqueue: the job row exists, no message was ever sent."""
+    from app.datasets.repository import DatasetRepository
+    from app.jobs import service
+    from app.jobs.queue import SaqJobQueue
+    from app.jobs.schemas import job_create_adapter
+
+    payload = job_create_adapter().validate_python(label_job())
+    async with db.transaction() as session:
+        job = await service.submit_job(
+            payload,
+            jobs=JobRepository(session),
+            datasets=DatasetRepository(session),
+            registry=app_client.app.state.services.registry,
+            tenant="default",
+        )
+    queue = SaqJobQueue(settings.redis_url, settings.queue)
+    try:
+        await asyncio.sleep(settings.queue.reconcile_seconds + 0.1)
+        assert job.id in await reconcile_once(db, queue, queued_grace_seconds=0.5)
+        # A job whose message is still there is left alone.
+        assert job.id not in await reconcile_once(db, queue, queued_grace_seconds=0.5)
+    finally:
+        await queue.aclose()
+    async with running_worker(settings):
+        assert (await wait_for_status(app_client, job.id, {"succeeded"}))["status"] == "succeeded"
+
+
+async def test_stale_attempt_is_fenced(app_client, db):
+    job_id = (await app_client.post("/v1/jobs", json=label_job())).json()["id"]
+    await app_client.post(f"/v1/jobs/{job_id}/cancel")  # keep workers away from it
+    async with db.transaction() as session:
+        await session.execute(sa.update(Job).where(Job.id == job_id).values(status="queued", cancel_requested=False))
+    async with db.transaction() as session:
+        first = await JobRepository(session).acquire_lease(job_id, worker_id="a", lease_seconds=0.01)
+    assert first.attempts == 1
+    await asyncio.sleep(0.05)
+    async with db.transaction() as session:
+        second = await JobRepository(session).acquire_lease(job_id, worker_id="b", lease_seconds=60)
+    assert second.attempts == 2
+    async with db.transaction() as session:
+        # A live lease cannot be taken.
+        assert await JobRepository(session).acquire_lease(job_id, worker_id="c", lease_seconds=60) is None
+    for write in (
+        lambda repo: repo.heartbeat(job_id, 1, 60),
+        lambda repo: repo.save_step(
+            job_id, 1, step=1, total_steps=2, candidates=[], state={}, initial=None, best=None,
+            elapsed_seconds=0, event={},
+        ),
+    ):
+        try:
+            async with db.transaction() as session:
+                await write(JobRepository(session))
+            raise AssertionError("a stale attempt's write went through")
+        except LeaseLost:
+            pass
+    async with db.transaction() as session:
+        await JobRepository(session).heartbeat(job_id, 2, 60)  # the current attempt may write
+        await session.execute(sa.update(Job).where(Job.id == job_id).values(status="cancelled"))

@@ -1,0 +1,32 @@
+"""A worker: consumes the queue with the job runner, and runs the reconciler beside it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+from app.db import Database
+from app.jobs.queue import JobQueue
+from app.jobs.reconciler import run_reconciler
+from app.llm.registry import BackendRegistry
+from app.settings import Settings
+from workers.runner import JobRunner
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+async def run_worker(settings: Settings, db: Database, queue: JobQueue, registry: BackendRegistry) -> None:
+    runner = JobRunner(db, registry, settings, worker_id())
+    async with asyncio.TaskGroup() as group:
+        group.create_task(queue.run_consumer(runner.run, settings.queue.concurrency))
+        group.create_task(
+            run_reconciler(
+                db,
+                queue,
+                interval=settings.queue.reconcile_seconds,
+                queued_grace_seconds=settings.queue.reconcile_seconds,
+            )
+        )
