@@ -491,6 +491,23 @@ async def test_fake_gate_holds_requests_without_completing_them(fake):
     await backend.aclose()
 
 
+async def test_fake_does_not_complete_a_held_request_whose_client_left(fake):
+    backend = await started(fake, max_retries=0)
+    fake.hold_after(0)
+    task = asyncio.create_task(backend.generate([GenerationRequest("q")]))
+    await fake.wait_held(1)
+    task.cancel()
+    await backend.aclose()
+    await asyncio.sleep(0.1)
+    fake.release()
+    for _ in range(200):
+        (entry,) = fake.requests("chat")
+        if entry.status is not None:
+            break
+        await asyncio.sleep(0.01)
+    assert entry.held and entry.status == 499 and not entry.completed
+
+
 async def test_fake_stop_answers_held_requests_503(fake):
     backend = await started(fake, max_retries=0)
     fake.hold_after(0)

@@ -268,8 +268,8 @@ class JobRunner:
         engine = attempt.engine
         entries = [e for e in (engine["initial"], engine["best"]) if e is not None]
         prompts = list(dict.fromkeys(e["prompt"] for e in entries))
-        if not prompts:
-            return
+        if not prompts or not evaluator.task.indices("test"):
+            return  # no test split asked for: test scores stay null
         scores = {s.prompt: s for s in await evaluator.score(prompts, "test")}
         for entry in entries:
             entry["test_score"] = scores[entry["prompt"]].score

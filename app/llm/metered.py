@@ -146,14 +146,15 @@ class MeteredLLM:
                 if key is not None:
                     pending[key] = [i]
                 to_send.append(i)
-        self.usage.cache_hits += hits
+        if hits:
+            self.usage.cache_hits += hits
+            if self.store is not None:
+                self.store.submit(None, model_id, {}, Usage(cache_hits=hits))
         if not to_send:
             return results  # type: ignore[return-value]
 
         reserve_tokens = sum(token_bound(requests[i]) for i in to_send)
         self.budget.reserve(self.usage, len(to_send), reserve_tokens)
-        if self.store is not None and hits:
-            self.store.submit(None, model_id, {}, Usage(cache_hits=hits))
 
         def on_result(j: int, answer) -> None:
             value = _as_cacheable(answer)

@@ -31,7 +31,8 @@ The toy model:
 
 The log: every request (not the /_fake/ ones) is appended as a `LoggedRequest` when it arrives;
 `completed` turns true only once its 2xx answer is produced, just before the handler returns it. A
-failed (injected or invalid) request or a held one is never completed. Requests carrying
+failed (injected or invalid) request or a held one is never completed; nor is one whose client went away
+while it was held or delayed (answered 499 once released: a killed worker received nothing). Requests carrying
 `X-Promptopt-Probe: 1` (the backend's start-up probe) are logged with `probe=True`, left out of
 `count()` / `requests()` / `completed_requests()` unless `include_probes=True`, and bypass every
 fault knob (latency, delays, failures, the gate).
@@ -214,7 +215,10 @@ class LoggedRequest:
     kind: str
     body: dict
     probe: bool = False
+    # True once the answer was produced (2xx), just before the handler returned it.
     completed: bool = False
+    # True if the request waited at the gate (`hold_after`).
+    held: bool = False
     status: int | None = None
     response: dict | None = None
     started_at: float = 0.0
@@ -465,7 +469,7 @@ class FakeVLLM:
                 self._in_flight += 1
                 self._max_in_flight = max(self._max_in_flight, self._in_flight)
         try:
-            response = await self._respond(kind, body, entry)
+            response = await self._respond(kind, body, entry, request)
             with self._lock:
                 entry.status = response.status_code
                 entry.finished_at = time.monotonic()
@@ -477,7 +481,7 @@ class FakeVLLM:
                 with self._lock:
                     self._in_flight -= 1
 
-    async def _respond(self, kind: str, body: dict, entry: LoggedRequest) -> Response:
+    async def _respond(self, kind: str, body: dict, entry: LoggedRequest, request: Request) -> Response:
         if not entry.probe:
             delay = self.latency_s if kind in LLM_KINDS else 0.0
             with self._lock:
@@ -495,6 +499,9 @@ class FakeVLLM:
             await self._gate(kind, entry)
             if self._closing:
                 return _error(503, "the fake server is shutting down")
+            if (delay > 0 or entry.held) and await request.is_disconnected():
+                # The client (e.g. a killed worker) is gone: nothing is delivered, so nothing completes.
+                return _error(499, "the client closed the connection")
         if self.responder is not None:
             result = self.responder(kind, body)
             if inspect.isawaitable(result):
@@ -512,6 +519,7 @@ class FakeVLLM:
                 return
             waiter = _Waiter(asyncio.get_running_loop(), asyncio.Event(), entry)
             self._waiters.append(waiter)
+            entry.held = True
         try:
             await waiter.event.wait()
         finally:

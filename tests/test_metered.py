@@ -1,0 +1,130 @@
+"""The metered LLM: cache (LRU + durable), de-duplication, budget reservation, usage accounting."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.llm.metered import LRU, MeteredLLM, cache_key
+from app.llm.port import BackendInfo, Capability, Generation, GenerationRequest, LabelScoreRequest, LabelScores
+from app.llm.usage import Budget, BudgetExhausted, Usage
+
+
+class CountingBackend:
+    name = "count"
+
+    def __init__(self):
+        self.info = BackendInfo("count", "test", "m", frozenset({Capability.GENERATE, Capability.LABEL_LOGPROBS}))
+        self.sent: list = []
+
+    def count_tokens_upper_bound(self, text):
+        return len(text)
+
+    async def generate(self, requests, on_result=None):
+        out = []
+        for i, r in enumerate(requests):
+            self.sent.append(r)
+            g = Generation([f"{r.prompt}!{r.seed}"], 3, 1)
+            if on_result:
+                on_result(i, g)
+            out.append(g)
+        return out
+
+    async def label_logprobs(self, requests, on_result=None):
+        out = []
+        for i, r in enumerate(requests):
+            self.sent.append(r)
+            s = LabelScores([-1.0, float("-inf")], 5)
+            if on_result:
+                on_result(i, s)
+            out.append(s)
+        return out
+
+
+class MemoryStore:
+    def __init__(self):
+        self.rows: dict[str, dict] = {}
+        self.usage = Usage()
+
+    async def get_many(self, keys):
+        return {k: self.rows[k] for k in keys if k in self.rows}
+
+    def submit(self, key, model_id, value, usage):
+        if key is not None:
+            self.rows[key] = value
+        self.usage.add(usage)
+
+    async def flush(self):
+        return None
+
+
+def metered(backend, store=None, budget=None, usage=None):
+    return MeteredLLM(backend, usage=usage or Usage(), budget=budget or Budget(), store=store, lru=LRU(100))
+
+
+async def test_deterministic_requests_are_cached_and_deduplicated():
+    backend, store = CountingBackend(), MemoryStore()
+    llm = metered(backend, store)
+    requests = [GenerationRequest("a"), GenerationRequest("a"), GenerationRequest("b", temperature=1.0, seed=7)]
+    first = await llm.generate(requests)
+    assert len(backend.sent) == 2  # the duplicate went once
+    assert first[0].texts == first[1].texts
+    assert llm.usage.llm_calls == 2 and llm.usage.cache_hits == 1
+    assert llm.usage.prompt_tokens == 6 and llm.usage.completion_tokens == 2
+
+    # A new process (empty LRU) finds the answers in the durable store.
+    fresh = metered(backend, store)
+    again = await fresh.generate(requests)
+    assert [g.texts for g in again] == [g.texts for g in first]
+    assert len(backend.sent) == 2 and fresh.usage.cache_hits == 3 and fresh.usage.llm_calls == 0
+    assert store.usage.llm_calls == 2 and store.usage.cache_hits == 4
+
+
+async def test_unseeded_sampling_is_never_cached():
+    backend = CountingBackend()
+    llm = metered(backend, MemoryStore())
+    request = GenerationRequest("x", temperature=0.7)
+    await llm.generate([request])
+    await llm.generate([request])
+    assert len(backend.sent) == 2
+
+
+async def test_label_scores_survive_json_roundtrip():
+    backend, store = CountingBackend(), MemoryStore()
+    request = LabelScoreRequest("p", (" a", " b"))
+    (fresh,) = await metered(backend, store).label_logprobs([request])
+    (cached,) = await metered(backend, store).label_logprobs([request])
+    assert fresh.logprobs == cached.logprobs == [-1.0, -1e9]
+
+
+async def test_budget_is_reserved_before_sending():
+    backend = CountingBackend()
+    usage = Usage(llm_calls=8)
+    llm = metered(backend, budget=Budget(max_llm_calls=10), usage=usage)
+    with pytest.raises(BudgetExhausted):
+        await llm.generate([GenerationRequest(str(i)) for i in range(3)])
+    assert backend.sent == []  # nothing was sent: a batch that does not fit is refused whole
+    await llm.generate([GenerationRequest("0"), GenerationRequest("1")])
+    assert usage.llm_calls == 10
+    # Cached answers are free even with the budget spent.
+    await llm.generate([GenerationRequest("0")])
+    assert usage.llm_calls == 10
+
+
+async def test_token_budget_counts_upper_bound():
+    backend = CountingBackend()
+    llm = metered(backend, budget=Budget(max_tokens=20))
+    with pytest.raises(BudgetExhausted):
+        await llm.generate([GenerationRequest("x" * 10, max_tokens=16)])
+    await llm.generate([GenerationRequest("x" * 2, max_tokens=4)])
+
+
+def test_cache_key_covers_decoding_params():
+    base = GenerationRequest("p")
+    keys = {
+        cache_key("m", "generate", base),
+        cache_key("m2", "generate", base),
+        cache_key("m", "generate", GenerationRequest("p", max_tokens=7)),
+        cache_key("m", "generate", GenerationRequest("p", temperature=1.0, seed=1)),
+        cache_key("m", "generate", GenerationRequest("p", temperature=1.0, seed=2)),
+    }
+    assert len(keys) == 5
