@@ -29,7 +29,8 @@ def request_key(entry) -> str:
 async def test_kill9_worker_second_worker_finishes_without_repeating_calls(app_client, settings, fake_llm, tmp_path):
     # Let the job get past its first checkpoint and into the middle of a step, then hold every call.
     fake_llm.hold_after(80)
-    body = label_job(params={"steps": 3, "candidates_per_step": 3})
+    # A prompt no other test used, so nothing is in the evaluation cache yet.
+    body = label_job(params={"steps": 3, "candidates_per_step": 3}, initial_prompt=f"Judge the pair. {tmp_path.name}")
     job_id = (await app_client.post("/v1/jobs", json=body)).json()["id"]
 
     first = start_worker(settings, tmp_path / "worker-a.log")

@@ -103,7 +103,8 @@ class SaqJobQueue:
             functions=[(TASK_NAME, run_job)],
             concurrency=concurrency,
             timers={"sweep": max(1, int(self.settings.reconcile_seconds)), "abort": 1},
-            shutdown_grace_period_s=5,
+            # The runner hands a job back (lease released) as soon as it is cancelled; no need to wait long.
+            shutdown_grace_period_s=1,
         )
         try:
             await worker.start()
