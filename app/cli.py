@@ -28,9 +28,7 @@ def embedded_settings(settings: Settings, database: Path | None = None) -> Setti
     """Embedded mode: SQLite file, in-process queue; backends as configured (default: the local model)."""
     database = database or settings.data_dir / "promptopt.db"
     database.parent.mkdir(parents=True, exist_ok=True)
-    return settings.model_copy(
-        update={"database_url": f"sqlite+aiosqlite:///{database}", "queue_backend": "inprocess"}
-    )
+    return settings.model_copy(update={"database_url": f"sqlite+aiosqlite:///{database}", "queue_backend": "inprocess"})
 
 
 @cli.command()
@@ -118,11 +116,29 @@ async def follow(client: httpx.AsyncClient, job_id: str) -> dict:
             await asyncio.sleep(0.5)
 
 
+def demo_job_body(
+    *, dataset: str, initial_prompt: str, steps: int, candidates: int, subset: int | None, max_llm_calls: int
+) -> dict:
+    """The demo job, shared with `bench/bench_engine.py demo` so the benchmark measures exactly this."""
+    params: dict = {"preset": "small", "steps": steps, "candidates_per_step": candidates}
+    if subset:
+        params["score_on_subset"] = subset
+    return {
+        "method": "opro",
+        "task": {"dataset": dataset},
+        "initial_prompt": initial_prompt,
+        "params": params,
+        "budget": {"max_llm_calls": max_llm_calls},
+        "seed": 0,
+    }
+
+
 @cli.command()
 def demo(
-    steps: int = typer.Option(4, help="OPRO steps."),
+    steps: int = typer.Option(3, help="OPRO steps."),
     candidates: int = typer.Option(4, help="Candidates per step."),
-    max_llm_calls: int = typer.Option(4000, help="Hard budget."),
+    subset: int = typer.Option(28, help="Score candidates on this many training examples (0: all)."),
+    max_llm_calls: int = typer.Option(3000, help="Hard budget."),
     dataset: str = typer.Option("builtin:dbpedia16"),
     initial_prompt: str = typer.Option(DEMO_WEAK_PROMPT, help="Deliberately weak starting instruction."),
 ) -> None:
@@ -135,14 +151,14 @@ def demo(
         Path(str(database) + suffix).unlink(missing_ok=True)
     settings = embedded_settings(settings, database)
     logging.basicConfig(level=logging.WARNING)
-    body = {
-        "method": "opro",
-        "task": {"dataset": dataset},
-        "initial_prompt": initial_prompt,
-        "params": {"preset": "small", "steps": steps, "candidates_per_step": candidates},
-        "budget": {"max_llm_calls": max_llm_calls},
-        "seed": 0,
-    }
+    body = demo_job_body(
+        dataset=dataset,
+        initial_prompt=initial_prompt,
+        steps=steps,
+        candidates=candidates,
+        subset=subset,
+        max_llm_calls=max_llm_calls,
+    )
     asyncio.run(_run_demo(settings, body))
 
 
@@ -180,10 +196,12 @@ def submit(
 ) -> None:
     """Submit a job from a JSON file."""
 
+    body = json.loads(file.read_text())
+
     async def go() -> None:
         async with _client(url, api_key) as client:
             started = time.monotonic()
-            response = await client.post("/v1/jobs", json=json.loads(file.read_text()))
+            response = await client.post("/v1/jobs", json=body)
             if response.status_code != 202:
                 console.print_json(response.text)
                 raise typer.Exit(1)

@@ -1,8 +1,8 @@
 """Benchmarks of the evaluation engine and of the demo job (not tests; numbers go in notes).
 
-  python -m bench.bench_engine overhead      # engine CPU per evaluation, instant in-process backend
-  python -m bench.bench_engine demo          # the demo job (OPRO, local model, embedded), end to end
-  python -m bench.bench_engine all
+python -m bench.bench_engine overhead      # engine CPU per evaluation, instant in-process backend
+python -m bench.bench_engine demo          # the demo job (OPRO, local model, embedded), end to end
+python -m bench.bench_engine all
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def overhead(args) -> None:
 def demo(args) -> None:
     import httpx
 
-    from app.cli import DEMO_WEAK_PROMPT, embedded_settings
+    from app.cli import DEMO_WEAK_PROMPT, demo_job_body, embedded_settings
     from app.main import create_app
     from app.settings import Settings
 
@@ -130,13 +130,14 @@ def demo(args) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             settings = embedded_settings(Settings(), Path(tmp) / "bench-demo.db")
             app = create_app(settings, embedded=True)
-            body = {
-                "method": "opro",
-                "task": {"dataset": "builtin:dbpedia16"},
-                "initial_prompt": DEMO_WEAK_PROMPT,
-                "params": {"preset": "small", "steps": args.steps, "candidates_per_step": args.candidates},
-                "budget": {"max_llm_calls": 4000},
-            }
+            body = demo_job_body(
+                dataset="builtin:dbpedia16",
+                initial_prompt=DEMO_WEAK_PROMPT,
+                steps=args.steps,
+                candidates=args.candidates,
+                subset=args.subset,
+                max_llm_calls=3000,
+            )
             async with app.router.lifespan_context(app):
                 async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://b") as client:
                     started = time.perf_counter()
@@ -170,8 +171,9 @@ def main() -> None:
     parser.add_argument("what", choices=["overhead", "demo", "all"])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3, help="as `promptopt demo`")
     parser.add_argument("--candidates", type=int, default=4)
+    parser.add_argument("--subset", type=int, default=28)
     parser.add_argument("--postgres-url", default=os.environ.get("PROMPTOPT_BENCH_PG"))
     args = parser.parse_args()
     if args.what in ("overhead", "all"):

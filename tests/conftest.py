@@ -144,14 +144,14 @@ async def redis_client() -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
-async def wait_for_status(client: httpx.AsyncClient, job_id: str, statuses: set[str], timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
+async def wait_for_status(client: httpx.AsyncClient, job_id: str, statuses: set[str], wait_s: float = 60) -> dict:
+    deadline = time.monotonic() + wait_s
     while True:
         job = (await client.get(f"/v1/jobs/{job_id}")).json()
         if job["status"] in statuses:
             return job
         if time.monotonic() > deadline:
-            raise AssertionError(f"job {job_id} still {job['status']} after {timeout}s: {job}")
+            raise AssertionError(f"job {job_id} still {job['status']} after {wait_s}s: {job}")
         await asyncio.sleep(0.1)
 
 

@@ -14,7 +14,7 @@ async def test_opro_job_with_local_model(app_client, worker):
     )
     response = await app_client.post("/v1/jobs", json=body)
     assert response.status_code == 202, response.text
-    job = await wait_for_status(app_client, response.json()["id"], {"succeeded", "failed"}, timeout=300)
+    job = await wait_for_status(app_client, response.json()["id"], {"succeeded", "failed"}, wait_s=300)
     assert job["status"] == "succeeded", job
     assert job["stop_reason"] in {"completed", "budget"}
     assert 0 < job["usage"]["llm_calls"] <= 400
@@ -23,6 +23,8 @@ async def test_opro_job_with_local_model(app_client, worker):
     candidates = (await app_client.get(f"/v1/jobs/{job['id']}/candidates")).json()["items"]
     assert candidates[0]["prompt"]
 
-    predicted = await app_client.post(f"/v1/jobs/{job['id']}/predict", json={"inputs": ["Premise: A dog runs.\nHypothesis: An animal moves."]})
+    predicted = await app_client.post(
+        f"/v1/jobs/{job['id']}/predict", json={"inputs": ["Premise: A dog runs.\nHypothesis: An animal moves."]}
+    )
     assert predicted.status_code == 200
     assert predicted.json()["predictions"][0]["output"] in {"entailment", "neutral", "contradiction"}

@@ -101,7 +101,7 @@ async def test_cancel_while_running_keeps_results(app_client, worker, fake_llm):
     cancelled_at = time.monotonic()
     response = await app_client.post(f"/v1/jobs/{job_id}/cancel")
     assert response.status_code == 200
-    job = await wait_for_status(app_client, job_id, {"cancelled", "succeeded", "failed"}, timeout=10)
+    job = await wait_for_status(app_client, job_id, {"cancelled", "succeeded", "failed"}, wait_s=10)
     took = time.monotonic() - cancelled_at
     assert job["status"] == "cancelled" and job["stop_reason"] == "cancelled"
     assert took < 3.0, f"cancel took {took:.1f}s"
@@ -177,8 +177,16 @@ async def test_stale_attempt_is_fenced(app_client, db):
     for write in (
         lambda repo: repo.heartbeat(job_id, 1, 60),
         lambda repo: repo.save_step(
-            job_id, 1, step=1, total_steps=2, candidates=[], state={}, initial=None, best=None,
-            elapsed_seconds=0, event={},
+            job_id,
+            1,
+            step=1,
+            total_steps=2,
+            candidates=[],
+            state={},
+            initial=None,
+            best=None,
+            elapsed_seconds=0,
+            event={},
         ),
     ):
         try:

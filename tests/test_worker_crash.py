@@ -49,7 +49,7 @@ async def test_kill9_worker_second_worker_finishes_without_repeating_calls(app_c
         await asyncio.sleep(0.3)
 
         second = start_worker(settings, tmp_path / "worker-b.log")
-        job = await wait_for_status(app_client, job_id, {"succeeded", "failed"}, timeout=120)
+        job = await wait_for_status(app_client, job_id, {"succeeded", "failed"}, wait_s=120)
     finally:
         for proc in (first, second):
             if proc is not None and proc.poll() is None:

@@ -76,6 +76,9 @@ class JobRunner:
         try:
             await asyncio.shield(main)
         except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling() == 0:
+                return  # the watcher stopped the attempt (lease lost); nothing else to do here
             # The worker is shutting down: hand the job back at once instead of waiting for the lease.
             attempt.stop_request = attempt.stop_request or "shutdown"
             main.cancel()
@@ -92,6 +95,7 @@ class JobRunner:
         next_beat = loop.time() + queue_settings.heartbeat_seconds
         while not main.done():
             await asyncio.sleep(queue_settings.cancel_poll_seconds)
+            beat_due = loop.time() >= next_beat
             try:
                 async with self.db.transaction() as session:
                     repo = JobRepository(session)
@@ -99,11 +103,12 @@ class JobRunner:
                         attempt.stop_request = "cancel"
                         main.cancel()
                         return
-                    if loop.time() >= next_beat:
+                    if beat_due:
                         await repo.heartbeat(attempt.job_id, attempt.attempt, queue_settings.lease_seconds)
-                        next_beat = loop.time() + queue_settings.heartbeat_seconds
-                if heartbeat is not None and loop.time() + queue_settings.cancel_poll_seconds >= next_beat:
-                    await heartbeat()
+                if beat_due:
+                    next_beat = loop.time() + queue_settings.heartbeat_seconds
+                    if heartbeat is not None:
+                        await heartbeat()
             except LeaseLost:
                 log.warning("job %s: attempt %d lost its lease; stopping", attempt.job_id, attempt.attempt)
                 attempt.stop_request = "lease_lost"

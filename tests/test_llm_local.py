@@ -1,0 +1,169 @@
+"""The `local` backend against the real SmolLM2-135M-Instruct on CPU.
+
+The first run converts the GGUF into a safetensors cache (~30 s) under $PROMPTOPT_DATA_DIR/models
+(default ~/.promptopt/models); later runs load it in about a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from app.llm.local import CAPABILITIES, LocalBackend
+from app.llm.port import Capability, GenerationRequest, LabelScoreRequest, LLMBackend
+from app.settings import BackendSettings
+
+MODEL_CACHE = Path(os.environ.get("PROMPTOPT_DATA_DIR", Path.home() / ".promptopt")) / "models"
+
+PROMPTS = [
+    "Review: the plot was thin but the acting was superb and I left the cinema smiling. Sentiment:",
+    "Hi",
+    "Classify the company. Apple Inc. designs smartphones. Category:",
+    "Question: what is two plus two? Answer with a single word, then stop. Answer:",
+    "Text: The Eiffel Tower is in Paris, the capital city of France. Topic:",
+    "Sentiment of 'awful':",
+]
+VERBALIZERS = (" positive", " negative", " company", " Paris", "")
+
+
+@pytest.fixture(scope="session")
+async def backend():
+    b = LocalBackend("test-local", BackendSettings(kind="local", batch_size=4), MODEL_CACHE)
+    await b.start()
+    yield b
+    await b.aclose()
+
+
+def _templated_len(backend: LocalBackend, prompt: str, system: str | None = None) -> int:
+    tok = backend.tokenizer()
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+        {"role": "user", "content": prompt}
+    ]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return len(tok(text, add_special_tokens=False).input_ids)
+
+
+async def test_capabilities_without_loading():
+    b = LocalBackend("cold", BackendSettings(kind="local", batch_size=7, dtype="bfloat16"), MODEL_CACHE)
+    try:
+        assert isinstance(b, LLMBackend)
+        info = b.info
+        assert b.name == "cold" and info.name == "cold" and info.kind == "local"
+        assert info.capabilities == CAPABILITIES == frozenset(Capability)
+        assert info.max_concurrency == 7
+        assert "SmolLM2-135M-Instruct.Q4_1.gguf" in info.model_id and "bfloat16" in info.model_id
+        fp32 = LocalBackend("x", BackendSettings(kind="local"), MODEL_CACHE)
+        assert fp32.info.model_id != info.model_id and "float32" in fp32.info.model_id
+        await fp32.aclose()
+        assert not b.started
+        # Counting tokens loads the tokenizer only, never the model.
+        prompt, system = "Tell me about the sea.", "Be brief."
+        bound = b.count_tokens_upper_bound(prompt + system)
+        assert not b.started
+        assert bound >= _templated_len(b, prompt, system)
+        assert b.count_tokens_upper_bound(prompt) >= _templated_len(b, prompt)
+        assert b.count_tokens(prompt) == len(b.tokenizer()(prompt).input_ids)
+    finally:
+        await b.aclose()
+
+
+async def test_label_logprobs_batched_equals_single(backend: LocalBackend):
+    requests = [LabelScoreRequest(p, VERBALIZERS) for p in PROMPTS]
+    seen: list[int] = []
+    batched = await backend.label_logprobs(requests, on_result=lambda i, r: seen.append(i))
+    assert sorted(seen) == list(range(len(requests)))  # once per request
+    tok = backend.tokenizer()
+    for request, scores in zip(requests, batched, strict=True):
+        assert scores.prompt_tokens == len(tok(request.prompt).input_ids) > 0
+        assert scores.completion_tokens == 0
+        assert len(scores.logprobs) == len(VERBALIZERS)
+        assert all(math.isfinite(lp) and lp <= 0 for lp in scores.logprobs[:-1])
+        assert scores.logprobs[-1] == float("-inf")  # an empty verbalizer has no first token
+        (single,) = await backend.label_logprobs([request])
+        assert single.prompt_tokens == scores.prompt_tokens
+        for a, b in zip(single.logprobs[:-1], scores.logprobs[:-1], strict=True):
+            assert abs(a - b) < 1e-3
+    # The obvious label at least beats an unrelated one where the prompt names it outright.
+    paris = batched[4].logprobs
+    assert paris[3] > paris[0]
+
+
+async def test_label_logprobs_concurrent_calls(backend: LocalBackend):
+    a = [LabelScoreRequest(p, (" yes", " no")) for p in PROMPTS[:3]]
+    b = [LabelScoreRequest(p, (" yes", " no")) for p in PROMPTS[3:]]
+    ra, rb = await asyncio.gather(backend.label_logprobs(a), backend.label_logprobs(b))
+    together = await backend.label_logprobs(a + b)
+    for x, y in zip(ra + rb, together, strict=True):
+        assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs, strict=True)) < 1e-3
+
+
+async def test_generate_same_seed_same_text_alone_or_batched(backend: LocalBackend):
+    sampled = GenerationRequest("Write one sentence about a lighthouse.", max_tokens=20, temperature=0.9, seed=7)
+    greedy = GenerationRequest("Name a fruit.", max_tokens=16, system="Answer in a few words.")
+    others = [
+        GenerationRequest("Hi", max_tokens=6, temperature=0.7, seed=1),
+        GenerationRequest("Explain, in detail and step by step, how a bicycle gear works. " * 3, max_tokens=12),
+        GenerationRequest("Say something.", max_tokens=10, temperature=1.2, seed=3, n=2),
+    ]
+    (alone_sampled,) = await backend.generate([sampled])
+    (alone_greedy,) = await backend.generate([greedy])
+    seen: list[int] = []
+    batch = await backend.generate(
+        [others[0], sampled, others[1], greedy, others[2]], on_result=lambda i, r: seen.append(i)
+    )
+    assert sorted(seen) == list(range(5))
+    assert batch[1].texts == alone_sampled.texts
+    assert batch[3].texts == alone_greedy.texts
+    assert batch[1].prompt_tokens == alone_sampled.prompt_tokens == _templated_len(backend, sampled.prompt)
+    assert batch[3].prompt_tokens == _templated_len(backend, greedy.prompt, greedy.system)
+    assert batch[1].completion_tokens == alone_sampled.completion_tokens
+    for request, g in zip([others[0], sampled, others[1], greedy, others[2]], batch, strict=True):
+        assert len(g.texts) == request.n
+        assert 0 < g.completion_tokens <= request.max_tokens * request.n
+        assert g.prompt_tokens <= backend.count_tokens_upper_bound(request.prompt + (request.system or ""))
+    # Greedy is reproducible run to run; a different seed gives (almost surely) another sample.
+    assert (await backend.generate([greedy]))[0].texts == alone_greedy.texts
+    assert alone_greedy.texts[0].strip()
+
+
+async def test_generate_n_samples_use_consecutive_seeds(backend: LocalBackend):
+    request = GenerationRequest("Invent a name for a cat.", max_tokens=12, temperature=1.0, seed=100, n=3)
+    (g,) = await backend.generate([request])
+    assert len(g.texts) == 3
+    assert g.completion_tokens > 0
+    (second,) = await backend.generate(
+        [GenerationRequest("Invent a name for a cat.", max_tokens=12, temperature=1.0, seed=101)]
+    )
+    assert second.texts[0] == g.texts[1]
+    assert g.prompt_tokens == second.prompt_tokens
+    # Greedy with n > 1: n identical texts, completion tokens counted for each.
+    (greedy,) = await backend.generate([GenerationRequest("Invent a name for a cat.", max_tokens=8, n=2)])
+    assert len(greedy.texts) == 2 and greedy.texts[0] == greedy.texts[1]
+    assert greedy.completion_tokens % 2 == 0 and greedy.completion_tokens > 0
+
+
+async def test_generate_stops_at_stop_string_and_max_tokens(backend: LocalBackend):
+    base = GenerationRequest("Count from one to twenty in words, separated by commas.", max_tokens=24)
+    (full,) = await backend.generate([base])
+    text = full.texts[0]
+    assert len(text) > 8
+    stop = text[4:7]
+    cut = text.find(stop)
+    (stopped,) = await backend.generate([GenerationRequest(base.prompt, max_tokens=24, stop=("@@never@@", stop))])
+    assert stopped.texts[0] == text[:cut]
+    assert stopped.completion_tokens < full.completion_tokens
+    (short,) = await backend.generate([GenerationRequest(base.prompt, max_tokens=3)])
+    assert short.completion_tokens == 3
+    assert text.startswith(short.texts[0])
+    (nothing,) = await backend.generate([GenerationRequest(base.prompt, max_tokens=0)])
+    assert nothing.texts == [""] and nothing.completion_tokens == 0
+
+
+async def test_token_embedding_matrix(backend: LocalBackend):
+    matrix = await backend.token_embedding_matrix()
+    assert matrix.shape == (49152, 576)
+    assert str(matrix.dtype) == "float32"
