@@ -4,8 +4,9 @@
   python -m bench.bench_local_backend --dtypes float32 --examples 128 --attn rowwise,sdpa
 
 Label prompts look like a topic-classification prompt (instruction + a 20-60 word text + "Topic:"); the
-table gives their mean token count. Generation: chat-templated prompts, sampled at T=0.7 with seeds,
-`--gen-tokens` max new tokens; tok/s counts the generated tokens (EOS included) over wall time.
+table gives their mean token count (`--words 3,8` gives ~35-token prompts). Generation: chat-templated
+prompts, sampled at T=0.7 with seeds, `--gen-tokens` max new tokens; tok/s counts the generated tokens
+(EOS included) over wall time, prefill included.
 """
 
 from __future__ import annotations
@@ -40,11 +41,11 @@ GEN_PROMPTS = [
 ]
 
 
-def label_requests(n: int, seed: int = 0) -> list[LabelScoreRequest]:
+def label_requests(n: int, words: tuple[int, int] = (20, 60), seed: int = 0) -> list[LabelScoreRequest]:
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60)))
+        text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(*words)))
         prompt = (
             "Classify the text into one of: company, school, artist, athlete, politician, transport, "
             f"building, nature.\nText: {text}\nTopic:"
@@ -86,6 +87,7 @@ async def main() -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--batch-sizes", default="16,32")
     parser.add_argument("--examples", type=int, default=64)
+    parser.add_argument("--words", default="20,60", help="min,max words of the text in a label prompt")
     parser.add_argument("--gen-batch", type=int, default=8)
     parser.add_argument("--gen-tokens", type=int, default=64)
     parser.add_argument("--attn", default="rowwise", help="comma list of rowwise, sdpa, eager")
@@ -96,7 +98,8 @@ async def main() -> None:
 
         torch.set_num_threads(args.threads)
     cache = Path(os.environ.get("PROMPTOPT_DATA_DIR", Path.home() / ".promptopt")) / "models"
-    requests = label_requests(args.examples)
+    low, high = (int(w) for w in args.words.split(","))
+    requests = label_requests(args.examples, (low, high))
     import torch
 
     print(f"torch threads: {torch.get_num_threads()}, CPU cores: {os.cpu_count()}")

@@ -55,6 +55,18 @@ def _reset_fake(request):
         request.getfixturevalue("fake_llm").reset()
 
 
+@pytest.fixture(autouse=True)
+async def _no_leftover_jobs(request):
+    """Jobs a test leaves queued must not run in a later test (they would skew its call counts)."""
+    yield
+    if "database_url" in request.fixturenames:
+        conn = await asyncpg.connect(TEST_DB_URL.replace("postgresql+asyncpg://", "postgresql://"))
+        await conn.execute(
+            "UPDATE jobs SET status = 'cancelled', cancel_requested = true WHERE status IN ('queued', 'running')"
+        )
+        await conn.close()
+
+
 def make_settings(database_url: str, fake_base_url: str, **queue_overrides) -> Settings:
     queue = QueueSettings(
         name=f"promptopt-test-{SESSION_TAG}",

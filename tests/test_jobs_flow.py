@@ -198,3 +198,13 @@ async def test_stale_attempt_is_fenced(app_client, db):
     async with db.transaction() as session:
         await JobRepository(session).heartbeat(job_id, 2, 60)  # the current attempt may write
         await session.execute(sa.update(Job).where(Job.id == job_id).values(status="cancelled"))
+
+
+async def test_time_budget_stops_the_search(app_client, worker, fake_llm):
+    fake_llm.latency_s = 0.02
+    body = label_job(params={"steps": 500}, budget={"max_seconds": 1.5}, initial_prompt="Time-boxed run.")
+    job_id = (await app_client.post("/v1/jobs", json=body)).json()["id"]
+    job = await wait_for_status(app_client, job_id, {"succeeded", "failed"}, wait_s=30)
+    assert job["status"] == "succeeded" and job["stop_reason"] == "budget"
+    assert job["progress"]["step"] < 500
+    assert job["best"]["test_score"] is not None

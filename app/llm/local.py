@@ -171,6 +171,8 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         log.info("converting %s into %s (one-time, ~30 s)", gguf_path, target)
+        for stale in target.parent.glob(f".{target.name}.*"):  # left by a converter that was killed
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
@@ -432,20 +434,19 @@ class LocalBackend:
             attn = ROWWISE_ATTENTION
         else:
             attn = self.attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=torch.float32, attn_implementation=attn)
-        if self.settings.dtype == "bfloat16":
-            model = model.to(torch.bfloat16)
+        # Loading straight into bf16 (rather than `.to(torch.bfloat16)` after) keeps the RoPE inverse
+        # frequencies in fp32; `.to` would round them too and skew positions of long prompts.
+        dtype = torch.bfloat16 if self.settings.dtype == "bfloat16" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=dtype, attn_implementation=attn)
         model.eval()
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         if "logits_to_keep" not in params:
             raise BackendError("installed transformers lacks logits_to_keep; need transformers>=5")
-        stop_ids = {tokenizer.eos_token_id}
-        for token in _STOP_TOKENS:
-            token_id = tokenizer.convert_tokens_to_ids(token)
-            if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
-                stop_ids.add(token_id)
-        stop_ids.discard(None)
+        vocab = tokenizer.get_vocab()
+        stop_ids = {vocab[token] for token in _STOP_TOKENS if token in vocab}
+        if tokenizer.eos_token_id is not None:
+            stop_ids.add(tokenizer.eos_token_id)
         self._stop_ids = frozenset(stop_ids)
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._model = model
