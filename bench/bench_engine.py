@@ -122,7 +122,7 @@ def overhead(args) -> None:
 def demo(args) -> None:
     import httpx
 
-    from app.cli import DEMO_WEAK_PROMPT, demo_job_body, embedded_settings
+    from app.cli import DEMO_TEMPLATE, DEMO_WEAK_PROMPT, demo_job_body, embedded_settings
     from app.main import create_app
     from app.settings import Settings
 
@@ -132,6 +132,7 @@ def demo(args) -> None:
             app = create_app(settings, embedded=True)
             body = demo_job_body(
                 dataset="builtin:dbpedia16",
+                template=DEMO_TEMPLATE,
                 initial_prompt=DEMO_WEAK_PROMPT,
                 steps=args.steps,
                 candidates=args.candidates,
