@@ -121,7 +121,14 @@ async def follow(client: httpx.AsyncClient, job_id: str) -> dict:
 
 
 def demo_job_body(
-    *, dataset: str, template: str, initial_prompt: str, steps: int, candidates: int, subset: int | None, max_llm_calls: int
+    *,
+    dataset: str,
+    template: str,
+    initial_prompt: str,
+    steps: int,
+    candidates: int,
+    subset: int | None,
+    max_llm_calls: int,
 ) -> dict:
     """The demo job, shared with `bench/bench_engine.py demo` so the benchmark measures exactly this."""
     params: dict = {"preset": "small", "steps": steps, "candidates_per_step": candidates}
