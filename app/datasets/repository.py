@@ -1,12 +1,10 @@
 from __future__ import annotations
 
-from datetime import datetime
-
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.datasets.models import Dataset
-from app.jobs.repository import decode_cursor, encode_cursor
+from app.pagination import newest_first
 
 
 class DatasetRepository:
@@ -24,19 +22,4 @@ class DatasetRepository:
 
     async def list(self, *, tenant: str, limit: int, cursor: str | None) -> tuple[list[Dataset], str | None]:
         query = sa.select(Dataset).where(Dataset.tenant == tenant)
-        if cursor:
-            created, dataset_id = decode_cursor(cursor)
-            created_at = datetime.fromisoformat(created)
-            query = query.where(
-                sa.or_(
-                    Dataset.created_at < created_at,
-                    sa.and_(Dataset.created_at == created_at, Dataset.id < dataset_id),
-                )
-            )
-        query = query.order_by(Dataset.created_at.desc(), Dataset.id.desc()).limit(limit + 1)
-        rows = list((await self.session.execute(query)).scalars())
-        next_cursor = None
-        if len(rows) > limit:
-            rows = rows[:limit]
-            next_cursor = encode_cursor(rows[-1].created_at.isoformat(), rows[-1].id)
-        return rows, next_cursor
+        return await newest_first(self.session, query, Dataset, limit=limit, cursor=cursor)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import base64
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -14,24 +12,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.db import utcnow
 from app.jobs.models import Candidate, CandidateEvaluation, Checkpoint, Job, JobEvent, JobStatus
 from app.llm.usage import Usage
+from app.pagination import decode_cursor, encode_cursor, newest_first
 
 
 class LeaseLost(Exception):
     """This attempt no longer owns the job (another attempt took over, or the job was finished)."""
-
-
-def encode_cursor(*values) -> str:
-    return base64.urlsafe_b64encode(json.dumps(values, default=str).encode()).decode()
-
-
-def decode_cursor(cursor: str) -> list:
-    try:
-        values = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-    except ValueError as exc:
-        raise ValueError("malformed cursor") from exc
-    if not isinstance(values, list):
-        raise ValueError("malformed cursor")
-    return values
 
 
 @dataclass(slots=True)
@@ -70,19 +55,7 @@ class JobRepository:
             query = query.where(Job.status == status)
         if method:
             query = query.where(Job.method == method)
-        if cursor:
-            created, job_id = decode_cursor(cursor)
-            created_at = datetime.fromisoformat(created)
-            query = query.where(
-                sa.or_(Job.created_at < created_at, sa.and_(Job.created_at == created_at, Job.id < job_id))
-            )
-        query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
-        rows = list((await self.session.execute(query)).scalars())
-        next_cursor = None
-        if len(rows) > limit:
-            rows = rows[:limit]
-            next_cursor = encode_cursor(rows[-1].created_at.isoformat(), rows[-1].id)
-        return rows, next_cursor
+        return await newest_first(self.session, query, Job, limit=limit, cursor=cursor)
 
     async def request_cancel(self, job_id: str) -> None:
         await self.session.execute(
