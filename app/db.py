@@ -57,7 +57,9 @@ def create_engine(url: str) -> AsyncEngine:
             cursor.close()
 
         return engine
-    return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    # No pre-ping: it is one more round trip per request; recycled connections and the worker's retries
+    # cover a restarted database.
+    return create_async_engine(url, pool_size=10, max_overflow=20, pool_recycle=1800)
 
 
 class Database:

@@ -1,4 +1,8 @@
-"""Typed dependencies: the app's shared services live on `app.state.services`."""
+"""Typed dependencies: the app's shared services live on `app.state.services`.
+
+They are `async def` on purpose: FastAPI runs plain `def` dependencies in a thread pool, which costs
+more than the work they do.
+"""
 
 from __future__ import annotations
 
@@ -22,14 +26,14 @@ class Services:
     registry: BackendRegistry
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
     return request.app.state.services
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def get_tenant(request: Request, services: ServicesDep) -> str:
+async def get_tenant(request: Request, services: ServicesDep) -> str:
     return tenant_of(request, services.settings)
 
 
