@@ -18,6 +18,7 @@ from app.deps import Services
 from app.errors import ServiceError
 from app.jobs.queue import InProcessJobQueue, JobQueue, SaqJobQueue
 from app.jobs.router import router as jobs_router
+from app.jobs.schemas import normalize_job_error
 from app.llm.registry import BackendRegistry
 from app.migrate import upgrade_async
 from app.settings import Settings
@@ -32,7 +33,7 @@ def error_body(code: str, message: str, details=None) -> dict:
 
 def _validation_details(errors) -> list[dict]:
     details = []
-    for err in errors:
+    for err in map(normalize_job_error, errors):
         item = {"loc": [str(p) for p in err.get("loc", ())], "msg": err.get("msg"), "type": err.get("type")}
         ctx = err.get("ctx") or {}
         if "expected" in ctx:

@@ -27,6 +27,14 @@ async def test_unknown_method_lists_allowed(app_client):
     assert any("opro" in str(d.get("allowed", "")) + d["msg"] for d in details(response))
 
 
+async def test_missing_method_is_named(app_client):
+    body = label_job()
+    del body["method"]
+    response = await app_client.post("/v1/jobs", json=body)
+    assert response.status_code == 422
+    assert locs(response) == ["body.method"]
+
+
 @pytest.mark.parametrize(
     ("patch", "loc"),
     [

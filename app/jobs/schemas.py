@@ -115,6 +115,19 @@ def job_create_type() -> Any:
     return Annotated[Union[models], Field(discriminator="method")]  # noqa: UP007
 
 
+def normalize_job_error(err: dict) -> dict:
+    """Make errors from the method-discriminated union read like plain field errors: drop the method tag
+    pydantic puts into `loc`, and report a missing or unknown method at `body.method` with the allowed ones."""
+    loc = list(err.get("loc", ()))
+    if err.get("type") in ("union_tag_invalid", "union_tag_not_found"):
+        ctx = {**(err.get("ctx") or {}), "expected": ", ".join(repr(m) for m in METHODS)}
+        message = f"method must be one of: {', '.join(METHODS)}"
+        return {**err, "loc": (*loc, "method"), "msg": message, "ctx": ctx}
+    if len(loc) >= 2 and loc[0] == "body" and loc[1] in METHODS:
+        return {**err, "loc": (loc[0], *loc[2:])}
+    return err
+
+
 @cache
 def job_create_adapter() -> TypeAdapter:
     return TypeAdapter(job_create_type())
