@@ -120,51 +120,21 @@ def overhead(args) -> None:
 
 
 def demo(args) -> None:
-    import httpx
+    from app.cli import DEMO_TEMPLATE, DEMO_WEAK_PROMPT, demo_job_body
+    from bench.jobs import report, run_embedded_job
 
-    from app.cli import DEMO_TEMPLATE, DEMO_WEAK_PROMPT, demo_job_body, embedded_settings
-    from app.main import create_app
-    from app.settings import Settings
-
-    async def run() -> dict:
-        with tempfile.TemporaryDirectory() as tmp:
-            settings = embedded_settings(Settings(), Path(tmp) / "bench-demo.db")
-            app = create_app(settings, embedded=True)
-            body = demo_job_body(
-                dataset="builtin:dbpedia16",
-                template=DEMO_TEMPLATE,
-                initial_prompt=DEMO_WEAK_PROMPT,
-                steps=args.steps,
-                candidates=args.candidates,
-                subset=args.subset,
-                max_llm_calls=3000,
-            )
-            async with app.router.lifespan_context(app):
-                async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://b") as client:
-                    started = time.perf_counter()
-                    job_id = (await client.post("/v1/jobs", json=body)).json()["id"]
-                    while True:
-                        job = (await client.get(f"/v1/jobs/{job_id}")).json()
-                        if job["status"] in {"succeeded", "failed", "cancelled"}:
-                            break
-                        await asyncio.sleep(0.5)
-                    job["wall_seconds"] = time.perf_counter() - started
-                    return job
-
-    job = asyncio.run(run())
-    usage = job["usage"]
-    print("## Demo job: OPRO on builtin:dbpedia16, local SmolLM2-135M on CPU, embedded")
-    print(f"status            {job['status']} ({job['stop_reason']})")
-    print(f"steps             {job['progress']['step']}/{job['progress']['total_steps']}")
-    print(f"LLM calls         {usage['llm_calls']}")
-    print(f"cache hits        {usage['cache_hits']}")
-    evaluations = usage["llm_calls"] + usage["cache_hits"]
-    print(f"evaluations/s     {evaluations / job['wall_seconds']:.1f} (calls + hits over wall time)")
-    print(f"tokens            {usage['prompt_tokens']} prompt / {usage['completion_tokens']} completion")
-    print(f"wall time         {job['wall_seconds']:.1f} s")
-    for key in ("initial", "best"):
-        entry = job[key] or {}
-        print(f"{key:<8} dev {entry.get('dev_score')}  test {entry.get('test_score')}  {entry.get('prompt')!r}")
+    body = demo_job_body(
+        dataset="builtin:dbpedia16",
+        template=DEMO_TEMPLATE,
+        initial_prompt=DEMO_WEAK_PROMPT,
+        steps=args.steps,
+        candidates=args.candidates,
+        subset=args.subset,
+        max_llm_calls=3000,
+    )
+    report(
+        "Demo job: OPRO on builtin:dbpedia16, local SmolLM2-135M on CPU, embedded", asyncio.run(run_embedded_job(body))
+    )
 
 
 def main() -> None:

@@ -28,3 +28,24 @@ async def test_opro_job_with_local_model(app_client, worker):
     )
     assert predicted.status_code == 200
     assert predicted.json()["predictions"][0]["output"] in {"entailment", "neutral", "contradiction"}
+
+
+async def test_apo_job_with_local_model(app_client, worker):
+    body = label_job(backends={"scorer": "local", "optimizer": "local"}, method="apo", budget={"max_llm_calls": 300})
+    body["params"] = {
+        "preset": "small",
+        "rounds": 1,
+        "minibatch_size": 4,
+        "mc_samples_per_step": 0,
+        "samples_per_eval": 4,
+        "optimizer_max_tokens": 48,
+    }
+    response = await app_client.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    job = await wait_for_status(app_client, response.json()["id"], {"succeeded", "failed"}, wait_s=300)
+    assert job["status"] == "succeeded", job
+    assert 0 < job["usage"]["llm_calls"] <= 300
+    assert job["stop_reason"] == "completed" and job["progress"]["step"] == 1
+    assert job["best"]["test_score"] is not None
+    steps = {c["step"] for c in (await app_client.get(f"/v1/jobs/{job['id']}/candidates")).json()["items"]}
+    assert 0 in steps

@@ -1,5 +1,6 @@
-"""kill -9 of a worker process mid-job: a second worker process resumes from the last checkpoint and
-no LLM call that had completed is made again (counted at the LLM boundary, the fake vLLM server)."""
+"""kill -9 of a worker process mid-job: a second worker process resumes from the last checkpoint, no LLM
+call that had completed is made again (counted at the LLM boundary, the fake vLLM server), and the
+resumed job ends where an uninterrupted one does."""
 
 from __future__ import annotations
 
@@ -9,9 +10,13 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from tests.conftest import label_job, settings_env, wait_for_status
+import sqlalchemy as sa
+
+from app.llm.models import EvalCacheEntry
+from tests.conftest import label_job, running_worker, settings_env, wait_for_status
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,13 +31,18 @@ def request_key(entry) -> str:
     return entry.kind + json.dumps(entry.body, sort_keys=True)
 
 
-async def test_kill9_worker_second_worker_finishes_without_repeating_calls(app_client, settings, fake_llm, tmp_path):
-    # Let the job get past its first checkpoint and into the middle of a step, then hold every call.
-    fake_llm.hold_after(80)
-    # A prompt no other test used, so nothing is in the evaluation cache yet.
-    body = label_job(params={"steps": 3, "candidates_per_step": 3}, initial_prompt=f"Judge the pair. {tmp_path.name}")
-    job_id = (await app_client.post("/v1/jobs", json=body)).json()["id"]
+@dataclass
+class CrashRun:
+    job: dict
+    completed_before_kill: set[str]
+    requests_after_kill: list
 
+
+async def run_with_kill(app_client, settings, fake_llm, tmp_path, body: dict, hold_after: int) -> CrashRun:
+    """Submit `body`; a worker process runs it until `hold_after` LLM calls have passed, is killed with
+    SIGKILL while further calls hang, and a second worker process finishes the job."""
+    fake_llm.hold_after(hold_after)
+    job_id = (await app_client.post("/v1/jobs", json=body)).json()["id"]
     first = start_worker(settings, tmp_path / "worker-a.log")
     second = None
     try:
@@ -55,14 +65,45 @@ async def test_kill9_worker_second_worker_finishes_without_repeating_calls(app_c
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
-
     logs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("worker-*.log")))
-    assert job["status"] == "succeeded", (job, logs)
+    assert job["status"] == "succeeded", (job, logs[-5000:])
+    return CrashRun(job, completed_before, fake_llm.requests()[logged_before:])
+
+
+async def test_kill9_worker_second_worker_finishes_without_repeating_calls(app_client, settings, fake_llm, tmp_path):
+    # A prompt no other test used, so nothing is in the evaluation cache yet.
+    body = label_job(params={"steps": 3, "candidates_per_step": 3}, initial_prompt=f"Judge the pair. {tmp_path.name}")
+    run = await run_with_kill(app_client, settings, fake_llm, tmp_path, body, hold_after=80)
+    job = run.job
     assert job["attempts"] == 2
     assert job["progress"]["step"] == 3
-
-    after = fake_llm.requests()[logged_before:]
-    repeated = [e for e in after if request_key(e) in completed_before]
+    repeated = [e for e in run.requests_after_kill if request_key(e) in run.completed_before_kill]
     assert not repeated, f"{len(repeated)} completed calls were made again"
     # Every answered call was charged once: the first attempt's before the kill, then the second's.
-    assert job["usage"]["llm_calls"] == len(completed_before) + sum(1 for e in after if e.completed)
+    answered_after = sum(1 for e in run.requests_after_kill if e.completed)
+    assert job["usage"]["llm_calls"] == len(run.completed_before_kill) + answered_after
+
+
+async def test_apo_resumed_after_kill_ends_like_uninterrupted(app_client, settings, fake_llm, db, tmp_path):
+    """APO on a deterministic backend with the same seed: killed mid-round and resumed, it ends with the
+    same beam winner and scores as an uninterrupted run - with the evaluation cache emptied in between,
+    so the resumed run cannot simply copy the first one's answers."""
+    body = label_job(method="apo", initial_prompt=f"Judge the pair. {tmp_path.name}", seed=7)
+    body["params"] = {"preset": "small", "rounds": 3}
+
+    async with running_worker(settings):
+        job_id = (await app_client.post("/v1/jobs", json=body)).json()["id"]
+        reference = await wait_for_status(app_client, job_id, {"succeeded", "failed"}, wait_s=120)
+    assert reference["status"] == "succeeded" and reference["attempts"] == 1
+    calls = reference["usage"]["llm_calls"]
+    assert calls > 100, calls
+
+    async with db.transaction() as session:
+        await session.execute(sa.delete(EvalCacheEntry))
+    fake_llm.reset()
+    run = await run_with_kill(app_client, settings, fake_llm, tmp_path, body, hold_after=calls // 2)
+    resumed = run.job
+    assert resumed["attempts"] == 2
+    assert resumed["best"] == reference["best"]
+    assert resumed["initial"] == reference["initial"]
+    assert resumed["usage"]["llm_calls"] == calls  # the same calls, each made once across both attempts

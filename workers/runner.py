@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -24,17 +23,13 @@ from app.llm.cache_store import DurableCacheStore
 from app.llm.metered import LRU, MeteredLLM
 from app.llm.registry import BackendRegistry
 from app.llm.usage import Budget, BudgetExhausted, Usage
-from app.optimizers.base import CandidateResult, OptimizerContext, StepReport
+from app.optimizers.base import CandidateResult, OptimizerContext, StepReport, instruction_hash
 from app.optimizers.registry import METHODS
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
 Heartbeat = Callable[[], Awaitable[None]]
-
-
-def prompt_hash(prompt: str) -> str:
-    return hashlib.md5(prompt.encode("utf-8")).hexdigest()
 
 
 @dataclass(slots=True)
@@ -256,7 +251,7 @@ class JobRunner:
         return NewCandidate(
             step=candidate.step,
             prompt=candidate.prompt,
-            prompt_hash=prompt_hash(candidate.prompt),
+            prompt_hash=instruction_hash(candidate.prompt),
             score=candidate.score,
             details=details,
             evaluations={"dev": dev} if dev else {},
@@ -281,7 +276,7 @@ class JobRunner:
         async with self.db.transaction() as session:
             repo = JobRepository(session)
             for prompt, score in scores.items():
-                await repo.record_evaluation(attempt.job_id, prompt_hash(prompt), "test", score.score, score.n)
+                await repo.record_evaluation(attempt.job_id, instruction_hash(prompt), "test", score.score, score.n)
 
     async def _finish(
         self,

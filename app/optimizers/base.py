@@ -9,6 +9,7 @@ Optimizers import nothing from FastAPI, SQLAlchemy, Redis or SAQ.
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -50,6 +51,28 @@ class OptimizerContext:
     evaluator: Evaluator
     optimizer_llm: MeteredLLM
     initial_prompt: str
+
+
+def instruction_hash(instruction: str) -> str:
+    """MD5 of an instruction: the de-duplication key of the text methods (and of candidate rows)."""
+    return hashlib.md5(instruction.encode("utf-8")).hexdigest()
+
+
+def _seed_entropy(seed: int) -> int:
+    return int(seed) % (2**63)
+
+
+def derived_rng(seed: int, *keys: int) -> np.random.Generator:
+    """A generator that depends only on (job seed, keys) - never on what ran before - so a resumed step
+    replays exactly."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([_seed_entropy(seed), *keys])))
+
+
+def derived_seed(seed: int, *keys: int) -> int:
+    """A 31-bit sampling seed (safe for any API) that depends only on (job seed, keys): seeded optimizer
+    requests are deterministic, hence cacheable, and a resumed step re-uses their answers."""
+    state = np.random.SeedSequence([_seed_entropy(seed), *keys]).generate_state(1)
+    return int(state[0]) & 0x7FFFFFFF
 
 
 def new_rng(seed: int) -> np.random.Generator:

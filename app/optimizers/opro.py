@@ -21,11 +21,9 @@ Adaptation to this service:
 
 from __future__ import annotations
 
-import hashlib
 import re
 from typing import Any, ClassVar, Literal
 
-import numpy as np
 from pydantic import Field
 
 from app.evaluation.task import Example
@@ -36,6 +34,9 @@ from app.optimizers.base import (
     Optimizer,
     OptimizerContext,
     StepReport,
+    derived_rng,
+    derived_seed,
+    instruction_hash,
 )
 
 ExemplarSelection = Literal["random", "constant", "accumulative_most_frequent", "current_most_frequent"]
@@ -192,10 +193,6 @@ def extract_instruction(text: str) -> str:
     return polish(_first_nonempty_line(text))
 
 
-def instruction_hash(instruction: str) -> str:
-    return hashlib.md5(instruction.encode("utf-8")).hexdigest()
-
-
 def rejection_reason(instruction: str, seen: set[str] | frozenset[str], params: OproParams) -> str | None:
     """Why a parsed candidate is dropped (None: keep it). Order: empty, duplicate, length, INS, digits."""
     if not instruction:
@@ -288,19 +285,9 @@ def build_meta_prompt(
 # Seeds
 
 
-def _seed_entropy(seed: int) -> int:
-    return int(seed) % (2**63)
-
-
-def derived_rng(seed: int, *keys: int) -> np.random.Generator:
-    """A generator that depends only on (job seed, keys) - never on what ran before."""
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([_seed_entropy(seed), *keys])))
-
-
 def request_seed(seed: int, step: int, index: int) -> int:
-    """The sampling seed of optimizer request `index` at `step` (a 31-bit int, safe for any API)."""
-    state = np.random.SeedSequence([_seed_entropy(seed), _SEED_REQUEST, step, index]).generate_state(1)
-    return int(state[0]) & 0x7FFFFFFF
+    """The sampling seed of optimizer request `index` at `step`."""
+    return derived_seed(seed, _SEED_REQUEST, step, index)
 
 
 # ----------------------------------------------------------------------------------------------------------

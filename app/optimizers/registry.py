@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from app.optimizers.apo import Apo
 from app.optimizers.base import Optimizer
 from app.optimizers.opro import Opro
 
-METHODS: dict[str, type[Optimizer]] = {"opro": Opro}
+METHODS: dict[str, type[Optimizer]] = {"opro": Opro, "apo": Apo}
 
 
 def get_method(name: str) -> type[Optimizer]:
