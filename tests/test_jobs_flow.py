@@ -208,3 +208,29 @@ async def test_time_budget_stops_the_search(app_client, worker, fake_llm):
     assert job["status"] == "succeeded" and job["stop_reason"] == "budget"
     assert job["progress"]["step"] < 500
     assert job["best"]["test_score"] is not None
+
+
+async def test_reconciler_reenqueues_a_dead_lease_once(app_client, settings, db):
+    """A running job whose worker died gets one new message, not one per reconciler pass."""
+    from datetime import timedelta
+
+    from app.db import utcnow
+    from app.jobs.queue import SaqJobQueue
+
+    job_id = (await app_client.post("/v1/jobs", json=label_job(seed=99))).json()["id"]
+    async with db.transaction() as session:
+        await session.execute(
+            sa.update(Job)
+            .where(Job.id == job_id)
+            # Its worker died and the message it held is gone.
+            .values(status="running", attempts=1, lease_expires_at=utcnow() - timedelta(seconds=5), queue_key="gone")
+        )
+    queue = SaqJobQueue(settings.redis_url, settings.queue)
+    try:
+        assert job_id in await reconcile_once(db, queue, queued_grace_seconds=0.5)
+        assert job_id not in await reconcile_once(db, queue, queued_grace_seconds=0.5)
+    finally:
+        await queue.aclose()
+    async with running_worker(settings):
+        job = await wait_for_status(app_client, job_id, {"succeeded", "failed"})
+    assert job["status"] == "succeeded" and job["attempts"] == 2

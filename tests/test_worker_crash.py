@@ -107,3 +107,33 @@ async def test_apo_resumed_after_kill_ends_like_uninterrupted(app_client, settin
     assert resumed["best"] == reference["best"]
     assert resumed["initial"] == reference["initial"]
     assert resumed["usage"]["llm_calls"] == calls  # the same calls, each made once across both attempts
+
+
+async def test_sigterm_hands_the_job_back_and_another_worker_resumes(app_client, settings, fake_llm, db, tmp_path):
+    from app.db import utcnow
+    from app.jobs.models import Job
+
+    fake_llm.latency_s = 0.02
+    body = label_job(params={"steps": 4, "candidates_per_step": 3}, initial_prompt=f"Graceful. {tmp_path.name}")
+    job_id = (await app_client.post("/v1/jobs", json=body)).json()["id"]
+    first = start_worker(settings, tmp_path / "worker-a.log")
+    second = None
+    try:
+        for _ in range(600):
+            if (await app_client.get(f"/v1/jobs/{job_id}")).json()["initial"] is not None:
+                break
+            await asyncio.sleep(0.1)
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(30) == 0  # a clean exit, not a crash
+        async with db.transaction() as session:
+            row = await session.get(Job, job_id)
+            # Still running (not failed), and its lease was given up rather than left to expire.
+            assert row.status == "running" and row.lease_expires_at <= utcnow()
+        second = start_worker(settings, tmp_path / "worker-b.log")
+        job = await wait_for_status(app_client, job_id, {"succeeded", "failed"}, wait_s=120)
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    assert job["status"] == "succeeded" and job["attempts"] == 2

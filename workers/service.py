@@ -20,13 +20,16 @@ def worker_id() -> str:
 
 async def run_worker(settings: Settings, db: Database, queue: JobQueue, registry: BackendRegistry) -> None:
     runner = JobRunner(db, registry, settings, worker_id())
-    async with asyncio.TaskGroup() as group:
-        group.create_task(queue.run_consumer(runner.run, settings.queue.concurrency))
-        group.create_task(
-            run_reconciler(
-                db,
-                queue,
-                interval=settings.queue.reconcile_seconds,
-                queued_grace_seconds=settings.queue.reconcile_seconds,
-            )
+    consumer = asyncio.create_task(queue.run_consumer(runner.run, settings.queue.concurrency))
+    reconciler = asyncio.create_task(
+        run_reconciler(
+            db, queue, interval=settings.queue.reconcile_seconds, queued_grace_seconds=settings.queue.reconcile_seconds
         )
+    )
+    try:
+        # The consumer ends on SIGTERM/SIGINT (SAQ stops gracefully); the worker ends with it.
+        await consumer
+    finally:
+        reconciler.cancel()
+        consumer.cancel()
+        await asyncio.gather(reconciler, consumer, return_exceptions=True)

@@ -27,8 +27,8 @@ class JobQueue(Protocol):
     async def enqueue(self, job_id: str) -> str:
         """Send a message for `job_id`; returns the message key."""
 
-    async def has_message(self, queue_key: str) -> bool:
-        """Whether the message is still waiting or being worked on."""
+    async def message_state(self, queue_key: str) -> str | None:
+        """ "waiting" (not picked up yet), "active" (a worker took it), or None (gone or finished)."""
 
     async def ping(self) -> None: ...
 
@@ -74,12 +74,16 @@ class SaqJobQueue:
         )
         return key
 
-    async def has_message(self, queue_key: str) -> bool:
-        from saq.job import TERMINAL_STATUSES
+    async def message_state(self, queue_key: str) -> str | None:
+        from saq.job import Status
 
         await self._connect()
         job = await self.queue.job(queue_key)
-        return job is not None and job.status not in TERMINAL_STATUSES
+        if job is None:
+            return None
+        if job.status in (Status.NEW, Status.QUEUED):
+            return "waiting"
+        return "active" if job.status == Status.ACTIVE else None
 
     async def ping(self) -> None:
         await self._connect()
@@ -122,16 +126,19 @@ class InProcessJobQueue:
 
     def __init__(self) -> None:
         self._queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
-        self._live: set[str] = set()
+        self._waiting: set[str] = set()
+        self._active: set[str] = set()
 
     async def enqueue(self, job_id: str) -> str:
         key = new_queue_key(job_id)
-        self._live.add(key)
+        self._waiting.add(key)
         await self._queue.put((key, job_id))
         return key
 
-    async def has_message(self, queue_key: str) -> bool:
-        return queue_key in self._live
+    async def message_state(self, queue_key: str) -> str | None:
+        if queue_key in self._waiting:
+            return "waiting"
+        return "active" if queue_key in self._active else None
 
     async def ping(self) -> None:
         return None
@@ -143,6 +150,8 @@ class InProcessJobQueue:
         async def consume() -> None:
             while True:
                 key, job_id = await self._queue.get()
+                self._waiting.discard(key)
+                self._active.add(key)
                 try:
                     await handler(job_id, noop_heartbeat)
                 except asyncio.CancelledError:
@@ -150,7 +159,7 @@ class InProcessJobQueue:
                 except Exception:
                     log.exception("job %s crashed in the in-process queue", job_id)
                 finally:
-                    self._live.discard(key)
+                    self._active.discard(key)
 
         async with asyncio.TaskGroup() as group:
             for _ in range(concurrency):

@@ -20,7 +20,11 @@ async def reconcile_once(db: Database, queue: JobQueue, *, queued_grace_seconds:
         stale = [(job.id, job.status, job.queue_key) for job in candidates]
     requeued = []
     for job_id, status, queue_key in stale:
-        if status == JobStatus.QUEUED and queue_key and await queue.has_message(queue_key):
+        state = await queue.message_state(queue_key) if queue_key else None
+        # A queued job whose message is waiting or being picked up is fine. A running job with a dead
+        # lease still shows its dead worker's message as active: only a waiting one means we already
+        # re-enqueued it.
+        if state == "waiting" or (status == JobStatus.QUEUED and state == "active"):
             continue
         key = await queue.enqueue(job_id)
         async with db.transaction() as session:
