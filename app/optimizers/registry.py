@@ -5,8 +5,9 @@ from __future__ import annotations
 from app.optimizers.apo import Apo
 from app.optimizers.base import Optimizer
 from app.optimizers.opro import Opro
+from app.optimizers.plum import Plum
 
-METHODS: dict[str, type[Optimizer]] = {"opro": Opro, "apo": Apo}
+METHODS: dict[str, type[Optimizer]] = {"opro": Opro, "apo": Apo, "plum": Plum}
 
 
 def get_method(name: str) -> type[Optimizer]:
