@@ -49,3 +49,15 @@ async def test_apo_job_with_local_model(app_client, worker):
     assert job["best"]["test_score"] is not None
     steps = {c["step"] for c in (await app_client.get(f"/v1/jobs/{job['id']}/candidates")).json()["items"]}
     assert 0 in steps
+
+
+async def test_plum_job_with_local_model(app_client, worker):
+    body = label_job(backends={"scorer": "local", "optimizer": "local"}, method="plum", budget={"max_llm_calls": 200})
+    body["params"] = {"preset": "small", "algorithm": "simulated_annealing", "num_iterations": 1, "num_candidates": 2}
+    response = await app_client.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    job = await wait_for_status(app_client, response.json()["id"], {"succeeded", "failed"}, wait_s=300)
+    assert job["status"] == "succeeded", job
+    assert job["stop_reason"] == "completed" and job["progress"]["step"] == 1
+    assert 0 < job["usage"]["llm_calls"] <= 200
+    assert job["best"]["test_score"] is not None
