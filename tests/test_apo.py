@@ -324,7 +324,7 @@ async def test_expansion_deduplicates_against_seen_and_itself():
     assert [s.instruction for s in result.successors] == ["Same rewrite magic."]
     assert result.stats["duplicates"] == 2 + 4
     # Already-seen instructions are never proposed again.
-    apo._mark_seen("Same rewrite magic.")
+    apo.seen.add("Same rewrite magic.")
     again = await apo.expand(ctx, 1, [INITIAL])
     assert again.successors == []
 

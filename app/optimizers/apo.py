@@ -34,6 +34,7 @@ from app.optimizers.base import (
     MethodParams,
     Optimizer,
     OptimizerContext,
+    SeenInstructions,
     StepReport,
     derived_rng,
     derived_seed,
@@ -299,8 +300,7 @@ class Apo(Optimizer):
         super().__init__(params, seed)
         # Beam entries: {"instruction", "score", "n", "step"} - best first.
         self.beam: list[dict[str, Any]] = []
-        self.seen: list[str] = []
-        self._seen_set: set[str] = set()
+        self.seen = SeenInstructions()
 
     @property
     def total_steps(self) -> int:
@@ -309,24 +309,17 @@ class Apo(Optimizer):
     # -- state ------------------------------------------------------------------------------------------
 
     def _state(self) -> dict[str, Any]:
-        return {"beam": [dict(b) for b in self.beam], "seen": list(self.seen)}
+        return {"beam": [dict(b) for b in self.beam], "seen": self.seen.to_list()}
 
     def _load_state(self, state: dict[str, Any]) -> None:
         self.beam = [dict(b) for b in state["beam"]]
-        self.seen = list(state["seen"])
-        self._seen_set = set(self.seen)
+        self.seen = SeenInstructions(state["seen"])
 
     def best(self) -> CandidateResult | None:
         if not self.beam:
             return None
         top = max(self.beam, key=lambda b: b["score"])
         return CandidateResult(top["instruction"], top["score"], top["step"])
-
-    def _mark_seen(self, instruction: str) -> None:
-        digest = instruction_hash(instruction)
-        if digest not in self._seen_set:
-            self._seen_set.add(digest)
-            self.seen.append(digest)
 
     # -- helpers ----------------------------------------------------------------------------------------
 
@@ -431,7 +424,7 @@ class Apo(Optimizer):
                     stats["paraphrases"] += 1
 
         # 4. de-duplicate against everything seen (and this round), filter, cap per parent.
-        taken = set(self._seen_set) | {instruction_hash(x) for x in parents}
+        taken = self.seen.hashes() | {instruction_hash(x) for x in parents}
         successors: list[Successor] = []
         for pi in range(len(parents)):
             mine: list[Successor] = []
@@ -520,7 +513,7 @@ class Apo(Optimizer):
             result, counts = await self.select(ctx, 0, [initial])
             score = result.means[0]
             self.beam = [{"instruction": initial, "score": score, "n": counts[0], "step": 0}]
-            self._mark_seen(initial)
+            self.seen.add(initial)
             self.steps_done += 1
             report = CandidateResult(initial, score, 0, {"origin": "initial", "n": counts[0], "in_beam": True})
             return StepReport(0, [report], message=f"initial prompt scored on {counts[0]} examples")
@@ -539,7 +532,7 @@ class Apo(Optimizer):
         top = set(result.top)
         candidates = []
         for i, prompt in enumerate(prompts):
-            self._mark_seen(prompt)
+            self.seen.add(prompt)
             if counts[i] == 0:
                 continue  # never evaluated (a bandit may leave arms unpulled)
             details = {**origin[i], "n": counts[i], "in_beam": i in top, "selection": self.params.selection}

@@ -58,6 +58,36 @@ def instruction_hash(instruction: str) -> str:
     return hashlib.md5(instruction.encode("utf-8")).hexdigest()
 
 
+class SeenInstructions:
+    """MD5s of every instruction a text method has scored (or ruled out), in first-seen order.
+
+    Serialised as the plain list of hashes; membership checks use a set kept beside it."""
+
+    def __init__(self, hashes: list[str] | None = None) -> None:
+        self._order: list[str] = []
+        self._set: set[str] = set()
+        for digest in hashes or ():
+            self.add_hash(digest)
+
+    def add_hash(self, digest: str) -> None:
+        if digest not in self._set:
+            self._set.add(digest)
+            self._order.append(digest)
+
+    def add(self, instruction: str) -> None:
+        self.add_hash(instruction_hash(instruction))
+
+    def __contains__(self, digest: str) -> bool:
+        return digest in self._set
+
+    def hashes(self) -> set[str]:
+        """A copy of the set, for checks that also track this step's own proposals."""
+        return set(self._set)
+
+    def to_list(self) -> list[str]:
+        return list(self._order)
+
+
 def _seed_entropy(seed: int) -> int:
     return int(seed) % (2**63)
 

@@ -33,6 +33,7 @@ from app.optimizers.base import (
     MethodParams,
     Optimizer,
     OptimizerContext,
+    SeenInstructions,
     StepReport,
     derived_rng,
     derived_seed,
@@ -308,8 +309,7 @@ class Opro(Optimizer):
         # Entries: {"instruction", "score", "step"} (+ "failed": scoring-set positions not fully correct,
         # kept only for the current_most_frequent criterion).
         self.history: list[dict[str, Any]] = []
-        self.seen: list[str] = []
-        self._seen_set: set[str] = set()
+        self.seen = SeenInstructions()
         # Per scoring-set position: how many scored instructions did not get it fully right.
         self.failures: list[int] = []
         # Positions inside the train split that form the scoring set (None: not chosen yet).
@@ -324,15 +324,14 @@ class Opro(Optimizer):
     def _state(self) -> dict[str, Any]:
         return {
             "history": [dict(h) for h in self.history],
-            "seen": list(self.seen),
+            "seen": self.seen.to_list(),
             "failures": list(self.failures),
             "scoring_positions": None if self.scoring_positions is None else list(self.scoring_positions),
         }
 
     def _load_state(self, state: dict[str, Any]) -> None:
         self.history = [dict(h) for h in state["history"]]
-        self.seen = list(state["seen"])
-        self._seen_set = set(self.seen)
+        self.seen = SeenInstructions(state["seen"])
         self.failures = [int(x) for x in state["failures"]]
         positions = state["scoring_positions"]
         self.scoring_positions = None if positions is None else [int(p) for p in positions]
@@ -350,12 +349,6 @@ class Opro(Optimizer):
         return CandidateResult(top["instruction"], top["score"], top["step"])
 
     # -- helpers ----------------------------------------------------------------------------------------
-
-    def _mark_seen(self, instruction: str) -> None:
-        digest = instruction_hash(instruction)
-        if digest not in self._seen_set:
-            self._seen_set.add(digest)
-            self.seen.append(digest)
 
     def _choose_scoring_positions(self, n_train: int) -> list[int]:
         size = self.params.score_on_subset
@@ -437,7 +430,7 @@ class Opro(Optimizer):
             if keep_failed:
                 entry["failed"] = failed
             self.history.append(entry)
-            self._mark_seen(instruction)
+            self.seen.add(instruction)
             results.append(CandidateResult(instruction, float(scored.score), step))
         return results
 
@@ -451,7 +444,7 @@ class Opro(Optimizer):
         if step == 0:
             initial = ctx.initial_prompt
             results = await self._record(ctx, [initial], 0, examples)
-            self._mark_seen(polish(initial))
+            self.seen.add(polish(initial))
             self.steps_done += 1
             return StepReport(0, results, message=f"initial prompt scored on {len(examples)} examples")
 
@@ -475,7 +468,7 @@ class Opro(Optimizer):
         reasons: dict[str, int] = {}
         survivors: list[str] = []
         raw_of: dict[str, str] = {}
-        step_seen = set(self._seen_set)
+        step_seen = self.seen.hashes()
         for text, instruction in raw:
             reason = rejection_reason(instruction, step_seen, self.params)
             if reason is not None:
