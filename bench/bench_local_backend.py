@@ -2,11 +2,14 @@
 
   python -m bench.bench_local_backend                       # fp32 + bf16, label batch 16/32, generation batch 8
   python -m bench.bench_local_backend --dtypes float32 --examples 128 --attn rowwise,sdpa
+  python -m bench.bench_local_backend --prefixes none,input,deep --prefix-length 5 --no-generation   # BBT/BBTv2
 
 Label prompts look like a topic-classification prompt (instruction + a 20-60 word text + "Topic:"); the
 table gives their mean token count (`--words 3,8` gives ~35-token prompts). Generation: chat-templated
 prompts, sampled at T=0.7 with seeds, `--gen-tokens` max new tokens; tok/s counts the generated tokens
-(EOS included) over wall time, prefill included.
+(EOS included) over wall time, prefill included. `--prefixes` scores the same prompts behind continuous
+prompts as BBT (input layer) and BBTv2 (every layer) send them: 8 distinct random prefixes, as from one
+CMA-ES generation.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import random
 import time
 from pathlib import Path
 
+import numpy as np
+
 from app.llm.local import LocalBackend
-from app.llm.port import GenerationRequest, LabelScoreRequest
+from app.llm.port import ContinuousPrefix, GenerationRequest, LabelScoreRequest, PrefixKind
 from app.settings import BackendSettings
 
 WORDS = (
@@ -54,9 +59,24 @@ def label_requests(n: int, words: tuple[int, int] = (20, 60), seed: int = 0) -> 
     return out
 
 
-async def bench_labels(cache: Path, dtype: str, batch: int, attn: str, requests) -> tuple[float, float]:
+def with_prefixes(requests: list[LabelScoreRequest], kind: str, length: int, geometry: dict) -> list:
+    if kind == "none":
+        return requests
+    rng = np.random.default_rng(0)
+    if kind == "input":
+        shape = (length, geometry["hidden_size"])
+    else:
+        shape = (geometry["num_layers"], 2, geometry["num_kv_heads"], length, geometry["head_dim"])
+    prefixes = [ContinuousPrefix.of(PrefixKind(kind), rng.normal(0, 0.1, shape)) for _ in range(8)]
+    return [LabelScoreRequest(r.prompt, r.verbalizers, prefixes[i % 8]) for i, r in enumerate(requests)]
+
+
+async def bench_labels(
+    cache: Path, dtype: str, batch: int, attn: str, requests, prefix: str = "none", prefix_length: int = 5
+) -> tuple[float, float]:
     backend = LocalBackend("bench", BackendSettings(batch_size=batch, dtype=dtype), cache, attn_implementation=attn)
     await backend.start()
+    requests = with_prefixes(requests, prefix, prefix_length, backend.info.geometry)
     await backend.label_logprobs(requests[:batch])  # warm-up
     t = time.perf_counter()
     results = await backend.label_logprobs(requests)
@@ -92,6 +112,9 @@ async def main() -> None:
     parser.add_argument("--gen-tokens", type=int, default=64)
     parser.add_argument("--attn", default="rowwise", help="comma list of rowwise, sdpa, eager")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--prefixes", default="none", help="comma list of none, input (BBT), deep (BBTv2)")
+    parser.add_argument("--prefix-length", type=int, default=5)
+    parser.add_argument("--no-generation", action="store_true")
     args = parser.parse_args()
     if args.threads:
         import torch
@@ -103,13 +126,19 @@ async def main() -> None:
     import torch
 
     print(f"torch threads: {torch.get_num_threads()}, CPU cores: {os.cpu_count()}")
-    print(f"{'task':<26}{'dtype':<10}{'attn':<9}{'batch':>6}{'throughput':>16}{'note':>28}")
+    print(f"{'task':<28}{'dtype':<10}{'attn':<9}{'batch':>6}{'throughput':>16}{'note':>28}")
     for dtype in args.dtypes.split(","):
         for attn in args.attn.split(","):
-            for batch in (int(b) for b in args.batch_sizes.split(",")):
-                rate, mean_tokens = await bench_labels(cache, dtype, batch, attn, requests)
-                note = f"{len(requests)} ex, {mean_tokens:.0f} tok/prompt"
-                print(f"{'label scoring':<26}{dtype:<10}{attn:<9}{batch:>6}{rate:>10.1f} ex/s{note:>28}", flush=True)
+            for prefix in args.prefixes.split(","):
+                for batch in (int(b) for b in args.batch_sizes.split(",")):
+                    rate, mean_tokens = await bench_labels(
+                        cache, dtype, batch, attn, requests, prefix, args.prefix_length
+                    )
+                    note = f"{len(requests)} ex, {mean_tokens:.0f} tok/prompt"
+                    task = "label scoring" + ("" if prefix == "none" else f" +{prefix} prefix")
+                    print(f"{task:<28}{dtype:<10}{attn:<9}{batch:>6}{rate:>10.1f} ex/s{note:>28}", flush=True)
+            if args.no_generation:
+                continue
             rate, tokens = await bench_generation(cache, dtype, args.gen_batch, attn, args.gen_tokens)
             note = f"{tokens} tokens, <= {args.gen_tokens}/row"
             print(

@@ -124,13 +124,14 @@ async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @contextlib.asynccontextmanager
-async def running_worker(settings: Settings) -> AsyncIterator[None]:
+async def running_worker(settings: Settings, registry: BackendRegistry | None = None) -> AsyncIterator[None]:
     """An in-process worker (real SAQ on Redis, real Postgres) for the duration of the block."""
     from workers.service import run_worker
 
     db = Database(settings.database_url)
     queue = SaqJobQueue(settings.redis_url, settings.queue)
-    registry = BackendRegistry(settings)
+    own_registry = registry is None
+    registry = registry or BackendRegistry(settings)
     task = asyncio.create_task(run_worker(settings, db, queue, registry))
     try:
         yield
@@ -139,7 +140,8 @@ async def running_worker(settings: Settings) -> AsyncIterator[None]:
         with contextlib.suppress(BaseException):
             await task
         await queue.aclose()
-        await registry.aclose()
+        if own_registry:
+            await registry.aclose()
         await db.dispose()
 
 

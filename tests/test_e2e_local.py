@@ -61,3 +61,19 @@ async def test_plum_job_with_local_model(app_client, worker):
     assert job["stop_reason"] == "completed" and job["progress"]["step"] == 1
     assert 0 < job["usage"]["llm_calls"] <= 200
     assert job["best"]["test_score"] is not None
+
+
+async def test_claps_job_with_local_model(app_client, worker):
+    body = label_job(backends={"scorer": "local", "optimizer": "local"}, method="claps", budget={"max_llm_calls": 400})
+    body["params"] = {"preset": "small", "n_clusters": 20, "prompt_length": 2, "scoring_subset": 4}
+    response = await app_client.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    job = await wait_for_status(app_client, response.json()["id"], {"succeeded", "failed"}, wait_s=300)
+    assert job["status"] == "succeeded", job
+    assert job["stop_reason"] == "completed" and job["progress"]["step"] == job["progress"]["total_steps"] == 4
+    assert 0 < job["usage"]["llm_calls"] <= 400
+    assert job["best"]["test_score"] is not None and job["initial"]["test_score"] is not None
+    candidates = (await app_client.get(f"/v1/jobs/{job['id']}/candidates?limit=100")).json()["items"]
+    steps = {c["step"] for c in candidates}
+    assert {0, 2} <= steps and len(candidates) >= 2 + 10  # manual + empty prompt, then the representatives
+    assert "" in {c["prompt"] for c in candidates}

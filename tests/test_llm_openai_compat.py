@@ -9,6 +9,7 @@ import sys
 import time
 
 import httpx
+import numpy as np
 import pytest
 from fastapi.responses import JSONResponse
 
@@ -17,11 +18,13 @@ from app.llm.port import (
     BackendError,
     Capability,
     CapabilityMissing,
+    ContinuousPrefix,
     Generation,
     GenerationRequest,
     LabelScoreRequest,
     LabelScores,
     LLMBackend,
+    PrefixKind,
 )
 from app.settings import BackendSettings
 from tests.fakes import FakeVLLMServer, free_port
@@ -140,10 +143,15 @@ async def test_no_probe_takes_the_settings_as_given(fake):
         OpenAICompatBackend("bad", settings_for(fake.base_url, capabilities=["telepathy"]))
 
 
-async def test_input_embeddings_only_when_configured(fake):
+async def test_continuous_prompts_are_not_offered_over_http(fake):
+    # Sending prompt_embeds is not built: declaring input_embeddings is ignored (so BBT jobs get a 422 at
+    # submission), and a request with a prefix is refused rather than scored without it.
     backend = await started(fake, capabilities=["generate", "input_embeddings"])
-    assert Capability.INPUT_EMBEDDINGS in backend.info.capabilities
+    assert Capability.INPUT_EMBEDDINGS not in backend.info.capabilities
     assert Capability.LABEL_LOGPROBS in backend.info.capabilities  # probed, not taken from the list
+    prefix = ContinuousPrefix.of(PrefixKind.INPUT, np.zeros((2, 4)))
+    with pytest.raises(CapabilityMissing):
+        await backend.label_logprobs([LabelScoreRequest("x", (" a",), prefix)])
     await backend.aclose()
 
 

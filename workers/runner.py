@@ -14,16 +14,16 @@ from dataclasses import dataclass, field
 from app.datasets.repository import DatasetRepository
 from app.datasets.service import resolve_examples
 from app.db import Database
-from app.evaluation.evaluator import Evaluator
+from app.evaluation.evaluator import Evaluator, Prompt
 from app.evaluation.task import Task
 from app.jobs.models import Job, JobStatus, StopReason
-from app.jobs.repository import JobRepository, LeaseLost, NewCandidate
+from app.jobs.repository import JobRepository, LeaseLost, NewArtifact, NewCandidate
 from app.jobs.service import task_from_spec
 from app.llm.cache_store import DurableCacheStore
 from app.llm.metered import LRU, MeteredLLM
 from app.llm.registry import BackendRegistry
 from app.llm.usage import Budget, BudgetExhausted, Usage
-from app.optimizers.base import CandidateResult, OptimizerContext, StepReport, instruction_hash
+from app.optimizers.base import CandidateResult, Optimizer, OptimizerContext, StepReport, instruction_hash
 from app.optimizers.registry import METHODS
 from app.settings import Settings
 
@@ -151,6 +151,8 @@ class JobRunner:
             while not optimizer.done:
                 search_budget.check_time()
                 report = await optimizer.step(ctx)
+                # A method may only know its step count once it has seen the model (BBTv2: one step per layer).
+                attempt.total_steps = optimizer.total_steps
                 budget_hit = await self._select(report, attempt, evaluator)
                 await self._persist_step(report, attempt, optimizer.state_dict(), search_budget, usage)
                 if budget_hit:
@@ -176,7 +178,7 @@ class JobRunner:
         final_budget.start()
         evaluator.llm = metered(scorer_backend, final_budget)
         try:
-            await self._score_test(attempt, evaluator)
+            await self._score_test(attempt, evaluator, method_cls)
         except BudgetExhausted:
             log.warning("job %s: no budget left to score the test split", job.id)
         except asyncio.CancelledError:
@@ -198,19 +200,24 @@ class JobRunner:
     async def _select(self, report: StepReport, attempt: Attempt, evaluator: Evaluator) -> bool:
         """Model selection on the dev split: the step's leader (by train score) is scored on dev when it
         could beat the best so far. Returns True if the budget ran out while doing so."""
-        if not report.candidates:
+        if not report.candidates or not report.select:
             return False
         engine = attempt.engine
-        leader = max(report.candidates, key=lambda c: c.score)
+        if report.leader is not None:
+            leader = report.candidates[report.leader]
+        else:
+            leader = max(report.candidates, key=lambda c: c.score)
         best = engine["best"]
         if best is not None and leader.score < best["train_score"]:
             return False
         try:
-            (dev,) = await evaluator.score([leader.prompt], "dev")
+            (dev,) = await evaluator.score([leader.scoring_prompt or leader.prompt], "dev")
         except BudgetExhausted:
             return True
         leader.details["dev"] = (dev.score, dev.n)
         entry = {"prompt": leader.prompt, "train_score": leader.score, "dev_score": dev.score, "step": report.step}
+        if leader.artifact is not None:
+            entry["artifact"] = leader.artifact
         if engine["initial"] is None:
             engine["initial"] = dict(entry)
         if best is None or (dev.score, leader.score) > (best["dev_score"], best["train_score"]):
@@ -222,6 +229,17 @@ class JobRunner:
     ) -> None:
         candidates = [self._new_candidate(c) for c in report.candidates]
         engine = attempt.engine
+        artifacts = []
+        if engine["best"] is not None and engine["best"].get("artifact") is not None:
+            artifact = engine["best"]["artifact"]
+            artifacts.append(
+                NewArtifact(
+                    prompt_hash=instruction_hash(engine["best"]["prompt"]),
+                    kind=artifact["method"],
+                    model_id=artifact["model_id"],
+                    data=artifact,
+                )
+            )
         event = {
             "step": report.step,
             "total_steps": attempt.total_steps,
@@ -242,6 +260,7 @@ class JobRunner:
                 best=self._public(engine["best"]),
                 elapsed_seconds=budget.elapsed(),
                 event=event,
+                artifacts=artifacts,
             )
 
     @staticmethod
@@ -264,13 +283,16 @@ class JobRunner:
         keys = ("prompt", "dev_score", "test_score", "train_score", "step")
         return {k: entry.get(k) for k in keys}
 
-    async def _score_test(self, attempt: Attempt, evaluator: Evaluator) -> None:
+    async def _score_test(self, attempt: Attempt, evaluator: Evaluator, method_cls: type[Optimizer]) -> None:
         engine = attempt.engine
         entries = [e for e in (engine["initial"], engine["best"]) if e is not None]
-        prompts = list(dict.fromkeys(e["prompt"] for e in entries))
+        prompts: dict[str, Prompt] = {}
+        for e in entries:
+            artifact = e.get("artifact")
+            prompts[e["prompt"]] = method_cls.prompt_from_artifact(artifact) if artifact else e["prompt"]
         if not prompts or not evaluator.task.indices("test"):
             return  # no test split asked for: test scores stay null
-        scores = {s.prompt: s for s in await evaluator.score(prompts, "test")}
+        scores = {s.prompt: s for s in await evaluator.score(list(prompts.values()), "test")}
         for entry in entries:
             entry["test_score"] = scores[entry["prompt"]].score
         async with self.db.transaction() as session:

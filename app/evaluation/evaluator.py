@@ -15,6 +15,7 @@ from app.evaluation.templates import render
 from app.llm.port import (
     BackendInfo,
     Capability,
+    ContinuousPrefix,
     Generation,
     GenerationRequest,
     LabelScoreRequest,
@@ -29,6 +30,23 @@ class ScoringLLM(Protocol):
     async def generate(self, requests: list[GenerationRequest]) -> list[Generation]: ...
 
     async def label_logprobs(self, requests: list[LabelScoreRequest]) -> list[LabelScores]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SoftPrompt:
+    """A continuous prompt (BBT): `text` fills the template's {prompt} slot and `prefix` goes in front of the
+    rendered prompt; `description` names it wherever a text prompt would be shown."""
+
+    description: str
+    text: str
+    prefix: ContinuousPrefix
+
+
+Prompt = str | SoftPrompt
+
+
+def prompt_name(prompt: Prompt) -> str:
+    return prompt if isinstance(prompt, str) else prompt.description
 
 
 @dataclass(slots=True)
@@ -60,34 +78,55 @@ class Evaluator:
             and Capability.LABEL_LOGPROBS in self.llm.info.capabilities
         )
 
-    def render(self, prompt: str, example: Example) -> str:
-        return render(self.task.template, prompt, example.input)
+    def render(self, prompt: Prompt, example: Example) -> str:
+        text = prompt if isinstance(prompt, str) else prompt.text
+        return render(self.task.template, text, example.input)
+
+    def _label_requests(self, prompts: list[Prompt], examples: list[Example]) -> list[LabelScoreRequest]:
+        verbalizers = tuple(self.task.verbalizer_texts())
+        return [
+            LabelScoreRequest(self.render(p, ex), verbalizers, None if isinstance(p, str) else p.prefix)
+            for p in prompts
+            for ex in examples
+        ]
 
     async def score(
-        self, prompts: list[str], split: str = "train", examples: list[Example] | None = None
+        self, prompts: list[Prompt], split: str = "train", examples: list[Example] | None = None
     ) -> list[PromptScore]:
         """Score every prompt on `examples` (default: the whole split) in one batch."""
         examples = self.task.split_examples(split) if examples is None else examples
         if not prompts:
             return []
         if not examples:
-            return [PromptScore(p, split, 0.0) for p in prompts]
+            return [PromptScore(prompt_name(p), split, 0.0) for p in prompts]
         predictions = await self.predict(prompts, examples)
         out = []
         for prompt, preds in zip(prompts, predictions, strict=True):
             per_example = [self.metric(pred, ex.target) for pred, ex in zip(preds, examples, strict=True)]
-            out.append(PromptScore(prompt, split, sum(per_example) / len(per_example), per_example, preds))
+            out.append(PromptScore(prompt_name(prompt), split, sum(per_example) / len(per_example), per_example, preds))
         return out
 
-    async def predict(self, prompts: list[str], examples: list[Example]) -> list[list[str]]:
+    async def label_logprobs(self, prompts: list[Prompt], examples: list[Example]) -> list[list[list[float]]]:
+        """Per prompt, per example: the log-prob of each label's verbalizer (in `task.labels` order), from one
+        batch. For methods whose objective needs the distribution, not just the argmax (cross-entropy, KL)."""
+        if not self.uses_label_logprobs:
+            raise ValueError("label log-probs need a label_accuracy task with labels and a label_logprobs backend")
+        answers = await self.llm.label_logprobs(self._label_requests(prompts, examples))
+        n = len(examples)
+        return [[answers[i * n + j].logprobs for j in range(n)] for i in range(len(prompts))]
+
+    async def predict(self, prompts: list[Prompt], examples: list[Example]) -> list[list[str]]:
         """Predictions (label or generated text) for every prompt x example, prompt-major."""
-        rendered = [self.render(p, ex) for p in prompts for ex in examples]
         if self.uses_label_logprobs:
-            verbalizers = tuple(self.task.verbalizer_texts())
-            answers = await self.llm.label_logprobs([LabelScoreRequest(r, verbalizers) for r in rendered])
+            answers = await self.llm.label_logprobs(self._label_requests(prompts, examples))
             labels = self.task.labels or []
             flat = [labels[max(range(len(labels)), key=a.logprobs.__getitem__)] for a in answers]
         else:
+            if any(not isinstance(p, str) for p in prompts):
+                raise ValueError(
+                    "a soft prompt needs a label task (label_accuracy with labels) scored by label log-probs"
+                )
+            rendered = [self.render(p, ex) for p in prompts for ex in examples]
             generations = await self.llm.generate(
                 [GenerationRequest(r, max_tokens=self.task.max_new_tokens, temperature=0.0) for r in rendered]
             )

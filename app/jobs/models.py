@@ -113,3 +113,17 @@ class Checkpoint(Base):
     attempt: Mapped[int] = mapped_column(sa.Integer)
     state: Mapped[dict] = mapped_column(sa.JSON)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class Artifact(Base):
+    """A prompt that is not text (a BBT soft prompt): what `predict` needs to apply it. One row per prompt
+    that became a job's best, keyed like the candidate rows, so `best.prompt` finds its artifact."""
+
+    __tablename__ = "artifacts"
+
+    job_id: Mapped[str] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    prompt_hash: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(sa.String(32))
+    model_id: Mapped[str] = mapped_column(sa.String(200))
+    data: Mapped[dict] = mapped_column(sa.JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import utcnow
-from app.jobs.models import Candidate, CandidateEvaluation, Checkpoint, Job, JobEvent, JobStatus
+from app.jobs.models import Artifact, Candidate, CandidateEvaluation, Checkpoint, Job, JobEvent, JobStatus
 from app.llm.usage import Usage
 from app.pagination import decode_cursor, encode_cursor, newest_first
 
@@ -28,6 +28,14 @@ class NewCandidate:
     details: dict
     # split -> (score, n) evaluated this step beyond the scoring split
     evaluations: dict[str, tuple[float, int]]
+
+
+@dataclass(slots=True)
+class NewArtifact:
+    prompt_hash: str
+    kind: str
+    model_id: str
+    data: dict
 
 
 class JobRepository:
@@ -198,8 +206,9 @@ class JobRepository:
         best: dict | None,
         elapsed_seconds: float,
         event: dict,
+        artifacts: Sequence[NewArtifact] = (),
     ) -> None:
-        """One transaction per optimizer step: candidates, evaluations, checkpoint, progress, event."""
+        """One transaction per optimizer step: candidates, evaluations, artifacts, checkpoint, progress, event."""
         await self._fenced_update(
             job_id,
             attempt,
@@ -222,12 +231,26 @@ class JobRepository:
             await self.session.flush()
             for split, (score, n) in cand.evaluations.items():
                 self.session.add(CandidateEvaluation(candidate_id=row.id, split=split, score=score, n_examples=n))
+        for artifact in artifacts:
+            if await self.session.get(Artifact, (job_id, artifact.prompt_hash)) is None:
+                self.session.add(
+                    Artifact(
+                        job_id=job_id,
+                        prompt_hash=artifact.prompt_hash,
+                        kind=artifact.kind,
+                        model_id=artifact.model_id,
+                        data=artifact.data,
+                    )
+                )
         existing = await self.session.get(Checkpoint, job_id)
         if existing is None:
             self.session.add(Checkpoint(job_id=job_id, step=step, attempt=attempt, state=state))
         else:
             existing.step, existing.attempt, existing.state = step, attempt, state
         await self.add_event(job_id, "step", event)
+
+    async def artifact(self, job_id: str, prompt_hash: str) -> Artifact | None:
+        return await self.session.get(Artifact, (job_id, prompt_hash))
 
     async def record_evaluation(self, job_id: str, prompt_hash: str, split: str, score: float, n: int) -> None:
         """Attach a held-out score to the (latest) candidate row with that prompt."""

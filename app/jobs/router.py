@@ -13,8 +13,6 @@ from fastapi.responses import StreamingResponse
 from app.datasets.repository import DatasetRepository
 from app.deps import ServicesDep, TenantDep
 from app.errors import InvalidPayload
-from app.evaluation.evaluator import Evaluator
-from app.evaluation.task import Example
 from app.jobs import service
 from app.jobs.models import JobStatus
 from app.jobs.repository import JobRepository
@@ -28,8 +26,6 @@ from app.jobs.schemas import (
     PredictOut,
     job_create_type,
 )
-from app.llm.metered import MeteredLLM
-from app.llm.usage import Budget, Usage
 from app.metrics import JOBS_SUBMITTED
 
 log = logging.getLogger(__name__)
@@ -122,6 +118,7 @@ async def list_candidates(
                 score=row.score,
                 dev_score=evals.get("dev"),
                 test_score=evals.get("test"),
+                details=row.details or {},
                 created_at=row.created_at,
             )
             for row, evals in rows
@@ -171,19 +168,22 @@ async def job_events(
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
+@router.get("/{job_id}/artifact")
+async def get_artifact(
+    job_id: str, services: ServicesDep, tenant: TenantDep, use: Literal["best", "initial"] = "best"
+) -> dict:
+    """The soft-prompt artifact (BBT/BBTv2) behind the job's best prompt: z, projection seed and scales, model."""
+    async with services.db.transaction() as session:
+        return await service.job_artifact(JobRepository(session), job_id, tenant, use)
+
+
 @router.post("/{job_id}/predict", response_model=PredictOut)
 async def predict(job_id: str, body: PredictIn, services: ServicesDep, tenant: TenantDep) -> PredictOut:
-    """Apply the job's best (or initial) prompt to new inputs with the job's scorer backend."""
+    """Apply the job's best (or initial) prompt - text or soft-prompt artifact - to new inputs."""
     async with services.db.transaction() as session:
-        job = await service.get_job(JobRepository(session), job_id, tenant)
-    chosen = job.best if body.use == "best" else job.initial
-    if chosen is None:
-        raise InvalidPayload(["use"], f"job has no {body.use} prompt yet (status {job.status})")
-    task = service.task_from_spec(job.spec, [])
-    backend = await services.registry.get(job.spec["backends"]["scorer"])
-    evaluator = Evaluator(task, MeteredLLM(backend, usage=Usage(), budget=Budget(), store=None))
-    (outputs,) = await evaluator.predict([chosen["prompt"]], [Example(text, "") for text in body.inputs])
+        prompt, backend_name = await service.prediction_prompt(JobRepository(session), job_id, tenant, body)
+    outputs = await service.predict(services.registry, prompt, backend_name, body.inputs)
     return PredictOut(
-        prompt=chosen["prompt"],
+        prompt=prompt.description,
         predictions=[Prediction(input=i, output=o) for i, o in zip(body.inputs, outputs, strict=True)],
     )

@@ -183,6 +183,8 @@ class CandidateRead(BaseModel):
     score: float
     dev_score: float | None
     test_score: float | None
+    # Method-specific facts about the candidate (e.g. its loss, generation, layer, edit operations).
+    details: dict = Field(default_factory=dict)
     created_at: datetime
 
 
@@ -194,6 +196,9 @@ class CandidatePage(BaseModel):
 class PredictIn(Strict):
     inputs: list[str] = Field(..., min_length=1, max_length=1000)
     use: Literal["best", "initial"] = "best"
+    backend: str | None = Field(
+        None, description="Backend to predict with (default: the job's scorer); a soft prompt needs the same model."
+    )
 
 
 class Prediction(BaseModel):

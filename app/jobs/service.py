@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from app.datasets.repository import DatasetRepository
 from app.datasets.service import BUILTIN_PREFIX, builtin_task, resolve_examples
 from app.errors import InvalidPayload, NotFound
+from app.evaluation.evaluator import Evaluator, Prompt, prompt_name
 from app.evaluation.splits import SplitSpec
 from app.evaluation.task import Example, Task
 from app.jobs.models import Job, JobStatus
 from app.jobs.repository import JobRepository
-from app.jobs.schemas import JobCreateBase, JobRead, Progress, PromptResult, UsageOut
+from app.jobs.schemas import JobCreateBase, JobRead, PredictIn, Progress, PromptResult, UsageOut
+from app.llm.metered import PREFIX_CAPABILITY, MeteredLLM
 from app.llm.registry import BackendRegistry
+from app.llm.usage import Budget, Usage
+from app.optimizers.base import instruction_hash
 from app.optimizers.registry import METHODS
 
 DEFAULT_TEMPLATE = "{prompt}\n\n{input}"
@@ -66,6 +72,9 @@ async def submit_job(
             raise InvalidPayload(
                 ["task", "labels"], f"targets {unknown[:10]} are not among the labels", allowed=resolved.labels
             )
+
+    for loc, message in METHODS[method].check_task(resolved.model_dump(mode="json")):
+        raise InvalidPayload(["task", *loc], message)
 
     initial_prompt = payload.initial_prompt
     if initial_prompt is None:
@@ -155,3 +164,65 @@ async def cancel_job(jobs: JobRepository, job_id: str, tenant: str) -> Job:
         await jobs.add_event(job_id, "cancel_requested", {})
     await jobs.session.refresh(job)
     return job
+
+
+@dataclass(slots=True)
+class PredictionPrompt:
+    prompt: Prompt  # text, or a soft prompt rebuilt from its artifact
+    task: Task
+    artifact: dict | None
+
+    @property
+    def description(self) -> str:
+        return prompt_name(self.prompt)
+
+
+async def prediction_prompt(
+    jobs: JobRepository, job_id: str, tenant: str, body: PredictIn
+) -> tuple[PredictionPrompt, str]:
+    """The prompt `predict` applies (the job's best or initial) and the backend to apply it with."""
+    job = await get_job(jobs, job_id, tenant)
+    chosen = job.best if body.use == "best" else job.initial
+    if chosen is None:
+        raise InvalidPayload(["use"], f"job has no {body.use} prompt yet (status {job.status})")
+    task = task_from_spec(job.spec, [])
+    stored = await jobs.artifact(job.id, instruction_hash(chosen["prompt"]))
+    if stored is None:
+        prediction = PredictionPrompt(chosen["prompt"], task, None)
+    else:
+        prediction = PredictionPrompt(METHODS[job.method].prompt_from_artifact(stored.data), task, stored.data)
+    return prediction, body.backend or job.spec["backends"]["scorer"]
+
+
+async def job_artifact(jobs: JobRepository, job_id: str, tenant: str, use: str) -> dict:
+    job = await get_job(jobs, job_id, tenant)
+    chosen = job.best if use == "best" else job.initial
+    stored = await jobs.artifact(job.id, instruction_hash(chosen["prompt"])) if chosen else None
+    if stored is None:
+        raise NotFound(f"job {job_id!r} has no {use} soft-prompt artifact (text prompts have none)")
+    return stored.data
+
+
+async def predict(
+    registry: BackendRegistry, prediction: PredictionPrompt, backend_name: str, inputs: Sequence[str]
+) -> list[str]:
+    if backend_name not in registry.names:
+        raise InvalidPayload(["backend"], f"unknown backend {backend_name!r}", allowed=registry.names)
+    if prediction.artifact is not None:
+        capability = PREFIX_CAPABILITY[prediction.prompt.prefix.kind]  # type: ignore[union-attr]
+        if capability not in registry.capabilities(backend_name):
+            raise InvalidPayload(
+                ["backend"],
+                f"this soft prompt needs capability {capability.value!r}, which backend {backend_name!r} lacks",
+                allowed=registry.with_capability(capability),
+            )
+    backend = await registry.get(backend_name)
+    if prediction.artifact is not None and backend.info.model_id != prediction.artifact["model_id"]:
+        raise InvalidPayload(
+            ["backend"],
+            f"this soft prompt was trained on model {prediction.artifact['model_id']!r}; backend {backend_name!r} "
+            f"serves {backend.info.model_id!r}, and soft prompts do not transfer between models",
+        )
+    evaluator = Evaluator(prediction.task, MeteredLLM(backend, usage=Usage(), budget=Budget(), store=None))
+    (outputs,) = await evaluator.predict([prediction.prompt], [Example(text, "") for text in inputs])
+    return outputs

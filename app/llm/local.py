@@ -32,15 +32,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import numpy as np
+
 from app.llm.port import (
     BackendError,
     BackendInfo,
     Capability,
+    ContinuousPrefix,
     Generation,
     GenerationRequest,
     LabelScoreRequest,
     LabelScores,
     OnResult,
+    PrefixKind,
 )
 from app.settings import BackendSettings
 
@@ -89,7 +93,10 @@ def _rowwise_attention(module, query, key, value, attention_mask, scaling=None, 
 
     batch, heads, n_query, dim = query.shape
     n_key = key.shape[2]
-    counts = attention_mask.reshape(batch, -1).sum(-1).tolist() if attention_mask is not None else [n_key] * batch
+    flat_mask = attention_mask.reshape(batch, -1) if attention_mask is not None else None
+    counts = flat_mask.sum(-1).tolist() if flat_mask is not None else [n_key] * batch
+    if flat_mask is not None and not _real_keys_are_a_suffix(flat_mask, counts):
+        return _rowwise_attention_gathered(query, key, value, flat_mask, scaling)
     if n_query == 1:  # a decoding step: every row has its one query
         rows = [
             F.scaled_dot_product_attention(
@@ -118,6 +125,42 @@ def _rowwise_attention(module, query, key, value, attention_mask, scaling=None, 
             value[b : b + 1, :, start:],
             attn_mask=mask,
             is_causal=q_len > 1 and q_len == k_len,
+            scale=scaling,
+            enable_gqa=True,
+        )
+        out[b, q_start:] = o[0].transpose(0, 1)
+    return out, None
+
+
+def _real_keys_are_a_suffix(flat_mask, counts: list[int]) -> bool:
+    n_key = flat_mask.shape[-1]
+    return all(int(flat_mask[b, n_key - int(c) :].sum()) == int(c) for b, c in enumerate(counts))
+
+
+def _rowwise_attention_gathered(query, key, value, flat_mask, scaling):
+    """Row-wise attention when a row's real keys have a hole: a deep prompt's prefix keys, then the row's left
+    padding, then its tokens. Queries are the last `n_query` positions; the real ones are the row's tokens,
+    which see every prefix key and, causally, the tokens before them."""
+    import torch
+    import torch.nn.functional as F
+
+    batch, heads, n_query, dim = query.shape
+    n_key = key.shape[2]
+    out = query.new_zeros((batch, n_query, heads, dim))
+    query_mask = flat_mask[:, n_key - n_query :]
+    for b in range(batch):
+        keys = flat_mask[b].nonzero().flatten()
+        queries = query_mask[b].nonzero().flatten()
+        q_len, k_len = len(queries), len(keys)
+        if q_len == 0:
+            continue
+        q_start = int(queries[0])
+        mask = torch.ones((q_len, k_len), dtype=torch.bool).tril(diagonal=k_len - q_len)
+        o = F.scaled_dot_product_attention(
+            query[b : b + 1, :, q_start:],
+            key[b : b + 1].index_select(2, keys),
+            value[b : b + 1].index_select(2, keys),
+            attn_mask=mask,
             scale=scaling,
             enable_gqa=True,
         )
@@ -297,16 +340,32 @@ class LocalBackend:
         await self.start()
         tokenizer = self._tokenizer
         encoded = [tokenizer(r.prompt).input_ids for r in requests]
+        for i, request in enumerate(requests):
+            if request.prefix is not None:
+                self._check_prefix(request.prefix, i)
         results: list[LabelScores | None] = [None] * len(requests)
-        order = sorted(range(len(requests)), key=lambda i: len(encoded[i]), reverse=True)
-        for chunk in self._chunks(order, lambda i: len(encoded[i])):
-            ids = [encoded[i] for i in chunk]
-            verbalizer_ids = [[self._first_token_id(v) for v in requests[i].verbalizers] for i in chunk]
-            scores = await self._run(functools.partial(self._score_sync, ids, verbalizer_ids))
-            for i, logprobs in zip(chunk, scores, strict=True):
-                results[i] = LabelScores(logprobs=logprobs, prompt_tokens=len(encoded[i]), completion_tokens=0)
-                if on_result is not None:
-                    on_result(i, results[i])
+
+        def length(i: int) -> int:
+            return len(encoded[i]) + (requests[i].prefix.length if requests[i].prefix is not None else 0)
+
+        # One batch holds one kind of prompt: plain, input-layer prefix, or deep prefix of one length.
+        def group(i: int) -> tuple:
+            prefix = requests[i].prefix
+            return ("plain", 0) if prefix is None else (prefix.kind.value, prefix.length)
+
+        groups: dict[tuple, list[int]] = {}
+        for i in sorted(range(len(requests)), key=length, reverse=True):
+            groups.setdefault(group(i), []).append(i)
+        for order in groups.values():
+            for chunk in self._chunks(order, length):
+                ids = [encoded[i] for i in chunk]
+                verbalizer_ids = [[self._first_token_id(v) for v in requests[i].verbalizers] for i in chunk]
+                prefixes = [requests[i].prefix for i in chunk]
+                scores = await self._run(functools.partial(self._score_sync, ids, verbalizer_ids, prefixes))
+                for i, logprobs in zip(chunk, scores, strict=True):
+                    results[i] = LabelScores(logprobs=logprobs, prompt_tokens=length(i), completion_tokens=0)
+                    if on_result is not None:
+                        on_result(i, results[i])
         return results  # type: ignore[return-value]
 
     async def generate(self, requests: list[GenerationRequest], on_result: OnResult | None = None) -> list[Generation]:
@@ -373,6 +432,47 @@ class LocalBackend:
             return self._model.get_input_embeddings().weight.detach().float().clone().numpy()
 
         return await self._run(work)
+
+    async def embedding_std(self) -> float:
+        """Standard deviation of all entries of the input embedding matrix (BBT's projection scale)."""
+        await self.start()
+        return await self._run(lambda: float(self._model.get_input_embeddings().weight.detach().float().std()))
+
+    async def kv_statistics(self, prompts: list[str], clip_rounds: int = 5) -> list[tuple[float, float]]:
+        """Per layer, the std of its key and of its value states over the real tokens of `prompts`, after
+        `clip_rounds` rounds of clipping to mean +- 3 std (BBTv2's per-layer projection scale)."""
+        await self.start()
+        encoded = [self._tokenizer(p).input_ids or [self._pad_id] for p in prompts]
+        return await self._run(functools.partial(self._kv_statistics_sync, encoded, clip_rounds))
+
+    def _kv_statistics_sync(self, encoded: list[list[int]], clip_rounds: int) -> list[tuple[float, float]]:
+        import torch
+        from transformers import DynamicCache
+
+        keys: list[list] = []
+        values: list[list] = []
+        with torch.inference_mode():
+            for chunk in self._chunks(list(range(len(encoded))), lambda i: len(encoded[i])):
+                input_ids, mask, positions = self._left_pad([encoded[i] for i in chunk])
+                cache = DynamicCache(config=self._model.config)
+                self._forward(input_ids, mask, positions, cache=cache, use_cache=True)
+                real = mask.bool()  # (batch, width)
+                for layer, cached in enumerate(cache.layers):
+                    if layer == len(keys):
+                        keys.append([])
+                        values.append([])
+                    # (batch, kv_heads, width, head_dim) -> real tokens only
+                    keys[layer].append(cached.keys.permute(0, 2, 1, 3)[real].float().flatten())
+                    values[layer].append(cached.values.permute(0, 2, 1, 3)[real].float().flatten())
+
+        def clipped_std(parts: list) -> float:
+            x = torch.cat(parts)
+            for _ in range(clip_rounds):
+                mean, std = x.mean(), x.std()
+                x = x.clamp(mean - 3 * std, mean + 3 * std)
+            return float(x.std())
+
+        return [(clipped_std(k), clipped_std(v)) for k, v in zip(keys, values, strict=True)]
 
     def tokenizer(self):
         """The (loaded on first use) tokenizer; only read it, never change its padding/truncation."""
@@ -449,6 +549,14 @@ class LocalBackend:
             stop_ids.add(tokenizer.eos_token_id)
         self._stop_ids = frozenset(stop_ids)
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        config = model.config
+        self._info.geometry = {
+            "hidden_size": int(config.hidden_size),
+            "num_layers": int(config.num_hidden_layers),
+            "num_kv_heads": int(config.num_key_value_heads),
+            "head_dim": int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads),
+            "max_positions": int(getattr(config, "max_position_embeddings", 8192)),
+        }
         self._model = model
 
     def _chunks(self, order: list[int], length: Callable[[int], int]) -> list[list[int]]:
@@ -463,6 +571,9 @@ class LocalBackend:
                     continue
             chunks.append([i])
         return chunks
+
+    def _geometry(self) -> dict:
+        return self._info.geometry
 
     def _max_positions(self) -> int:
         return int(getattr(self._model.config, "max_position_embeddings", 8192))
@@ -497,8 +608,10 @@ class LocalBackend:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         return input_ids, mask, positions
 
-    def _forward(self, input_ids, mask, positions, cache=None, use_cache=False):
+    def _forward(self, input_ids, mask, positions, cache=None, use_cache=False, inputs_embeds=None):
         kwargs = {self._cache_kwarg: cache} if cache is not None else {}
+        if inputs_embeds is not None:
+            kwargs["inputs_embeds"] = inputs_embeds
         if self.attn_implementation == "rowwise":
             # A 4D mask goes to the attention function as it is (transformers builds none for custom attention).
             mask = mask[:, None, None, :]
@@ -514,24 +627,85 @@ class LocalBackend:
         new_cache = getattr(out, self._cache_kwarg) if use_cache else None
         return out.logits[:, -1, :].float(), new_cache
 
-    def _score_sync(self, ids: list[list[int]], verbalizer_ids: list[list[int | None]]) -> list[list[float]]:
+    def _score_sync(
+        self,
+        ids: list[list[int]],
+        verbalizer_ids: list[list[int | None]],
+        prefixes: Sequence[ContinuousPrefix | None] | None = None,
+    ) -> list[list[float]]:
         import torch
 
+        prefixes = list(prefixes) if prefixes is not None else [None] * len(ids)
         max_len = self._max_positions()
-        for seq in ids:
-            if len(seq) > max_len:
-                raise BackendError(f"prompt of {len(seq)} tokens is longer than the model's {max_len}")
+        for seq, prefix in zip(ids, prefixes, strict=True):
+            total = len(seq) + (prefix.length if prefix is not None else 0)
+            if total > max_len:
+                raise BackendError(f"prompt of {total} tokens is longer than the model's {max_len}")
         # An empty prompt still needs one position to predict from: a document boundary.
         ids = [seq if seq else [self._pad_id] for seq in ids]
+        kind = prefixes[0].kind if prefixes[0] is not None else None
         with torch.inference_mode():
-            input_ids, mask, positions = self._left_pad(ids)
-            logits, _ = self._forward(input_ids, mask, positions)
+            if kind is None:
+                input_ids, mask, positions = self._left_pad(ids)
+                logits, _ = self._forward(input_ids, mask, positions)
+            elif kind == PrefixKind.INPUT:
+                logits = self._forward_input_prefix(ids, prefixes)
+            else:
+                logits = self._forward_deep_prefix(ids, prefixes)
             logprobs = torch.log_softmax(logits, dim=-1)
         out = []
         for b, wanted in enumerate(verbalizer_ids):
             row = logprobs[b]
             out.append([float(row[t]) if t is not None else float("-inf") for t in wanted])
         return out
+
+    def _forward_input_prefix(self, ids: list[list[int]], prefixes: list[ContinuousPrefix]):
+        """Each row: its prefix vectors, then its tokens' embeddings; left-padded with zero vectors."""
+        import torch
+
+        embed = self._model.get_input_embeddings()
+        dtype = embed.weight.dtype
+        rows = [
+            torch.cat([torch.tensor(p.vectors, dtype=dtype), embed(torch.tensor(seq, dtype=torch.long))])
+            for seq, p in zip(ids, prefixes, strict=True)
+        ]
+        width = max(len(r) for r in rows)
+        embeds = torch.zeros((len(rows), width, rows[0].shape[-1]), dtype=dtype)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, row in enumerate(rows):
+            embeds[b, width - len(row) :] = row
+            mask[b, width - len(row) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return self._forward(None, mask, positions, inputs_embeds=embeds)[0]
+
+    def _forward_deep_prefix(self, ids: list[list[int]], prefixes: list[ContinuousPrefix]):
+        """Each layer's cache starts with the row's prefix keys/values (P virtual tokens); the row's tokens follow
+        (left-padded) at positions P, P+1, ... A fresh cache per forward: the model appends to it in place."""
+        import torch
+        from transformers import DynamicCache
+
+        input_ids, mask, positions = self._left_pad(ids)
+        length = prefixes[0].length
+        dtype = self._model.get_input_embeddings().weight.dtype
+        # (batch, layers, 2, kv_heads, P, head_dim)
+        stacked = torch.tensor(np.stack([p.vectors for p in prefixes]), dtype=dtype)
+        cache = DynamicCache(config=self._model.config)
+        for layer in range(stacked.shape[1]):
+            cache.update(stacked[:, layer, 0].contiguous(), stacked[:, layer, 1].contiguous(), layer)
+        full_mask = torch.cat([torch.ones((len(ids), length), dtype=mask.dtype), mask], dim=1)
+        return self._forward(input_ids, full_mask, positions + length, cache=cache)[0]
+
+    def _check_prefix(self, prefix: ContinuousPrefix, index: int) -> None:
+        geometry = self._geometry()
+        if prefix.kind == PrefixKind.INPUT:
+            expected = (prefix.length, geometry["hidden_size"])
+        else:
+            expected = (geometry["num_layers"], 2, geometry["num_kv_heads"], prefix.length, geometry["head_dim"])
+        if tuple(prefix.vectors.shape) != expected:
+            raise BackendError(
+                f"request {index}: {prefix.kind.value} prefix of shape {tuple(prefix.vectors.shape)} does not fit "
+                f"this model (expected {expected})"
+            )
 
     def _generate_sync(self, rows: list[_Row]) -> None:
         import torch

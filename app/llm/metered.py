@@ -23,8 +23,11 @@ from app.llm.port import (
     LabelScoreRequest,
     LabelScores,
     LLMBackend,
+    PrefixKind,
 )
 from app.llm.usage import Budget, Usage
+
+PREFIX_CAPABILITY = {PrefixKind.INPUT: Capability.INPUT_EMBEDDINGS, PrefixKind.DEEP: Capability.DEEP_PROMPT}
 
 
 class CacheStore(Protocol):
@@ -58,7 +61,7 @@ class LRU:
 
 
 def cache_key(model_id: str, kind: str, request: GenerationRequest | LabelScoreRequest) -> str:
-    payload = json.dumps([model_id, kind, asdict(request)], sort_keys=True, ensure_ascii=False)
+    payload = json.dumps([model_id, kind, request.cache_payload()], sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -86,6 +89,20 @@ class MeteredLLM:
         if capability not in self.backend.info.capabilities:
             raise CapabilityMissing(f"backend {self.backend.name!r} lacks capability {capability.value!r}")
 
+    # White-box facts for continuous prompts (BBT/BBTv2). Not LLM calls: nothing is metered.
+    async def model_geometry(self) -> dict:
+        """hidden_size, num_layers, num_kv_heads, head_dim of the backend's model (empty if unknown)."""
+        await self.backend.start()
+        return dict(self.backend.info.geometry)
+
+    async def embedding_std(self) -> float:
+        self.require(Capability.INPUT_EMBEDDINGS)
+        return await self.backend.embedding_std()  # type: ignore[attr-defined]
+
+    async def kv_statistics(self, prompts: list[str]) -> list[tuple[float, float]]:
+        self.require(Capability.DEEP_PROMPT)
+        return await self.backend.kv_statistics(prompts)  # type: ignore[attr-defined]
+
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         self.require(Capability.GENERATE)
         values = await self._run(
@@ -98,10 +115,12 @@ class MeteredLLM:
 
     async def label_logprobs(self, requests: Sequence[LabelScoreRequest]) -> list[LabelScores]:
         self.require(Capability.LABEL_LOGPROBS)
+        for kind in {r.prefix.kind for r in requests if r.prefix is not None}:
+            self.require(PREFIX_CAPABILITY[kind])
         values = await self._run(
             "label_logprobs",
             requests,
-            lambda r: self.backend.count_tokens_upper_bound(r.prompt) + 1,
+            lambda r: self.backend.count_tokens_upper_bound(r.prompt) + 1 + (r.prefix.length if r.prefix else 0),
             self._call_label_logprobs,
         )
         return [LabelScores(**v) for v in values]
@@ -183,6 +202,42 @@ class MeteredLLM:
         if missing:
             raise RuntimeError(f"backend {self.backend.name!r} did not report {len(missing)} results")
         return results  # type: ignore[return-value]
+
+    # Derived, model-specific results (ClaPS's clustered vocabulary). Not LLM calls: nothing is metered.
+    async def token_embeddings(self) -> tuple[list[str], list[str], object]:
+        """The backend's vocabulary by token id: each token's raw piece (`Ġgreat`), its decoded text (` great`),
+        and the input embedding matrix (float32 numpy, vocab x hidden). Needs `token_embeddings`."""
+        import asyncio
+
+        self.require(Capability.TOKEN_EMBEDDINGS)
+        matrix = await self.backend.token_embedding_matrix()  # type: ignore[attr-defined]
+        tokenizer = self.backend.tokenizer()  # type: ignore[attr-defined]
+
+        def decode() -> tuple[list[str], list[str]]:
+            ids = list(range(min(len(tokenizer), matrix.shape[0])))
+            pieces = tokenizer.convert_ids_to_tokens(ids)
+            texts = tokenizer.batch_decode([[i] for i in ids], clean_up_tokenization_spaces=False)
+            return [p if isinstance(p, str) else "" for p in pieces], list(texts)
+
+        pieces, texts = await asyncio.to_thread(decode)
+        return pieces, texts, matrix
+
+    async def memoize(self, kind: str, params: dict, compute) -> dict:
+        """A JSON-serialisable result of `await compute()` kept in the evaluation cache (LRU, then durable store)
+        under (backend model id, kind, params), so later jobs on the same model and settings re-use it."""
+        model_id = self.backend.info.model_id
+        payload = json.dumps([model_id, kind, params], sort_keys=True, ensure_ascii=False)
+        key = hashlib.sha256(payload.encode()).hexdigest()
+        value = self.lru.get(key)
+        if value is None and self.store is not None:
+            value = (await self.store.get_many([key])).get(key)
+        if value is None:
+            value = await compute()
+            if self.store is not None:
+                self.store.submit(key, model_id, value, Usage())
+                await self.store.flush()
+        self.lru.put(key, value)
+        return value
 
 
 def _as_cacheable(answer: Generation | LabelScores) -> dict:

@@ -63,7 +63,9 @@ LABEL_MODE_TOKEN_IDS = "token_ids"  # logprob_token_ids + return_tokens_as_token
 LABEL_MODE_TOP_K = "top_k"  # logprobs=k, keys are decoded token strings
 
 _RETRYABLE_TRANSPORT_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
-_NEVER = frozenset({Capability.DEEP_PROMPT, Capability.TOKEN_EMBEDDINGS})
+# INPUT_EMBEDDINGS: vLLM can take `prompt_embeds`, but this client does not send them yet (it would need the
+# served model's embedding matrix to embed the templated text); until it does, BBT runs on the local runner.
+_NEVER = frozenset({Capability.DEEP_PROMPT, Capability.TOKEN_EMBEDDINGS, Capability.INPUT_EMBEDDINGS})
 _DEFAULT_UNPROBED = ("generate", "label_logprobs")
 _MAX_ALLOWED_RE = re.compile(r"max(?:imum)?[ _]?(?:allowed|logprobs)?\D{0,16}?(\d+)", re.IGNORECASE)
 _T = TypeVar("_T")
@@ -184,6 +186,8 @@ class OpenAICompatBackend:
         await self.start()
         self._require(Capability.LABEL_LOGPROBS)
         requests = list(requests)
+        if any(r.prefix is not None for r in requests):
+            raise CapabilityMissing(f"backend {self.name!r} cannot take continuous prompt prefixes")
         verbalizers = sorted({v for r in requests for v in r.verbalizers})
         if self._label_mode == LABEL_MODE_TOKEN_IDS:
             await self._resolve(verbalizers, self._first_token_ids, self._tokenize_first)

@@ -7,9 +7,10 @@ of requests so each one can batch (the local runner) or fan out under a concurre
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 
 class Capability(enum.StrEnum):
@@ -37,17 +38,67 @@ class GenerationRequest:
     def deterministic(self) -> bool:
         return self.temperature == 0.0 or self.seed is not None
 
+    def cache_payload(self) -> dict:
+        return asdict(self)
+
+
+class PrefixKind(enum.StrEnum):
+    # (n, hidden) vectors put in front of the prompt's token embeddings (BBT).
+    INPUT = "input"
+    # (layers, 2, kv_heads, n, head_dim) keys and values in front of every layer's attention (BBTv2).
+    DEEP = "deep"
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ContinuousPrefix:
+    """Continuous prompt vectors a white-box backend adds in front of a prompt.
+
+    Identified (for equality and cache keys) by `digest`, a hash of the kind, shape and float32 bytes, so
+    thousands of requests can share one array without it ever being serialised."""
+
+    kind: PrefixKind
+    vectors: Any  # numpy float32 array, shape per `kind`
+    digest: str
+
+    @classmethod
+    def of(cls, kind: PrefixKind, vectors: Any) -> ContinuousPrefix:
+        import numpy as np
+
+        array = np.ascontiguousarray(vectors, dtype=np.float32)
+        array.setflags(write=False)
+        digest = hashlib.sha256(f"{kind.value}:{array.shape}".encode() + array.tobytes()).hexdigest()
+        return cls(PrefixKind(kind), array, digest)
+
+    @property
+    def length(self) -> int:
+        """Virtual tokens the prefix adds."""
+        return int(self.vectors.shape[0] if self.kind == PrefixKind.INPUT else self.vectors.shape[3])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ContinuousPrefix) and other.digest == self.digest
+
+    def __hash__(self) -> int:
+        return hash(self.digest)
+
 
 @dataclass(frozen=True, slots=True)
 class LabelScoreRequest:
-    """Log-prob of the first token of each verbalizer text right after a raw (un-templated) prompt."""
+    """Log-prob of the first token of each verbalizer text right after a raw (un-templated) prompt,
+    optionally behind a continuous prefix (needs `input_embeddings` or `deep_prompt`)."""
 
     prompt: str
     verbalizers: tuple[str, ...]
+    prefix: ContinuousPrefix | None = None
 
     @property
     def deterministic(self) -> bool:
         return True
+
+    def cache_payload(self) -> dict:
+        payload = {"prompt": self.prompt, "verbalizers": list(self.verbalizers)}
+        if self.prefix is not None:
+            payload["prefix"] = self.prefix.digest  # absent for plain requests: their keys stay as they were
+        return payload
 
 
 @dataclass(slots=True)
@@ -73,6 +124,9 @@ class BackendInfo:
     capabilities: frozenset[Capability] = field(default_factory=frozenset)
     max_concurrency: int = 1
     detail: dict = field(default_factory=dict)
+    # Shapes of the model behind a white-box backend (continuous prompts): hidden_size, num_layers,
+    # num_kv_heads, head_dim, max_positions. Empty for a text-only backend.
+    geometry: dict = field(default_factory=dict)
 
 
 OnResult = Callable[[int, "Generation | LabelScores"], None]

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from app.evaluation.evaluator import Evaluator
+from app.evaluation.evaluator import Evaluator, Prompt, SoftPrompt
 from app.llm.metered import MeteredLLM
 from app.llm.port import Capability
 
@@ -30,11 +30,16 @@ class MethodParams(BaseModel):
 
 @dataclass(slots=True)
 class CandidateResult:
+    # The text prompt, or (soft prompts) a description of the artifact that names it uniquely.
     prompt: str
     # Score on the optimizer's scoring set (the train split), 0..1.
     score: float
     step: int
     details: dict[str, Any] = field(default_factory=dict)
+    # Soft prompts only: the JSON artifact (`Optimizer.prompt_from_artifact` rebuilds the prompt from it) and the
+    # prompt itself, ready to score. Stored only if the candidate becomes the job's best.
+    artifact: dict[str, Any] | None = None
+    scoring_prompt: SoftPrompt | None = None
 
 
 @dataclass(slots=True)
@@ -42,6 +47,10 @@ class StepReport:
     step: int
     candidates: list[CandidateResult]
     message: str | None = None
+    # Index of the candidate the engine should consider for model selection (default: highest score).
+    leader: int | None = None
+    # False: no model selection after this step (a method that selects on dev only every so often).
+    select: bool = True
 
 
 @dataclass(slots=True)
@@ -105,6 +114,15 @@ def derived_seed(seed: int, *keys: int) -> int:
     return int(state[0]) & 0x7FFFFFFF
 
 
+def subset_positions(n: int, size: int | None, seed: int, *keys: int) -> list[int]:
+    """Sorted positions of a fixed subset of `size` of `n` items, drawn from (job seed, keys); all of them when
+    `size` is None or not smaller than `n`. The scoring set of methods that optimise on part of the train split."""
+    if size is None or size >= n:
+        return list(range(n))
+    picked = derived_rng(seed, *keys).choice(n, size=size, replace=False)
+    return sorted(int(i) for i in picked)
+
+
 def new_rng(seed: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(seed))
 
@@ -133,6 +151,16 @@ class Optimizer(ABC):
         self.rng = new_rng(seed)
         # Steps completed so far; step 0 scores the initial prompt.
         self.steps_done = 0
+
+    @classmethod
+    def prompt_from_artifact(cls, artifact: dict[str, Any]) -> Prompt:
+        """Rebuild a scorable prompt from a candidate's artifact (methods whose prompts are not text)."""
+        raise ValueError(f"method {cls.method!r} has text prompts, not artifacts")
+
+    @classmethod
+    def check_task(cls, task: dict[str, Any]) -> list[tuple[list[str], str]]:
+        """Problems with a (resolved) task spec for this method, as (field path under `task`, message)."""
+        return []
 
     @property
     @abstractmethod

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from app.optimizers.apo import Apo
 from app.optimizers.base import Optimizer
+from app.optimizers.bbt import Bbt, BbtV2
+from app.optimizers.claps import Claps
 from app.optimizers.opro import Opro
 from app.optimizers.plum import Plum
 
-METHODS: dict[str, type[Optimizer]] = {"opro": Opro, "apo": Apo, "plum": Plum}
+METHODS: dict[str, type[Optimizer]] = {
+    "opro": Opro,
+    "apo": Apo,
+    "plum": Plum,
+    "bbt": Bbt,
+    "bbtv2": BbtV2,
+    "claps": Claps,
+}
 
 
 def get_method(name: str) -> type[Optimizer]:

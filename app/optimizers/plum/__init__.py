@@ -32,8 +32,8 @@ from app.optimizers.base import (
     Optimizer,
     OptimizerContext,
     StepReport,
-    derived_rng,
     instruction_hash,
+    subset_positions,
 )
 from app.optimizers.plum.edits import ALL_OPS, Cand, EditOp, Editor, llm_paraphraser
 from app.optimizers.plum.searches import Search, make_search
@@ -190,12 +190,7 @@ class Plum(Optimizer):
     def scoring_examples(self, ctx: OptimizerContext) -> list[Example]:
         train = ctx.evaluator.task.split_examples("train")
         if self.scoring_positions is None:
-            size = self.params.scoring_subset
-            if size is None or size >= len(train):
-                self.scoring_positions = list(range(len(train)))
-            else:
-                picked = derived_rng(self.seed, _SEED_SUBSET).choice(len(train), size=size, replace=False)
-                self.scoring_positions = sorted(int(i) for i in picked)
+            self.scoring_positions = subset_positions(len(train), self.params.scoring_subset, self.seed, _SEED_SUBSET)
         return [train[i] for i in self.scoring_positions]
 
     async def evaluate(

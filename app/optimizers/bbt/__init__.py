@@ -1,0 +1,503 @@
+"""BBT and BBTv2 - Black-Box Tuning (Sun et al., ICML 2022; EMNLP 2022), with BBT-RGB's two-stage option.
+
+Written from the description in ALGORITHMS.md section 4, adapted to decoder LMs as its opening section decides:
+
+* BBT: a soft prompt of `prompt_length` vectors = A z goes in front of the rendered prompt (input embeddings);
+  CMA-ES searches z in R^d. The template keeps the initial (manual) instruction in its {prompt} slot.
+* BBTv2: a key/value prefix of `prompt_length` virtual tokens at every layer, one projection A_l and one CMA-ES
+  per layer, swept layer by layer (one generation per layer per round), the other layers held at their best.
+  The projection scale of every layer comes from that layer's clipped key/value-state statistics (the prefix
+  is keys and values, not hidden states - the embedding std would make layer 0's keys ~10x too small).
+* Loss: `ce` (cross-entropy over the verbalizers' first-token log-probs) or `hinge` (margin 2), on the training
+  split (or a seeded subset) in one batch per generation. Reported candidate scores are train accuracy.
+* Stage 2 (BBT-RGB): COBYLA (SciPy) from the best z for `budget2` evaluations (BBTv2: split over the layers).
+
+Step 0 scores the manual prompt and measures the model's scales; each later step is one CMA-ES generation
+(BBTv2: of one layer), or one COBYLA run. Model selection on dev happens every `eval_every` evaluations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import warnings
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+from pydantic import Field
+
+from app.evaluation.evaluator import SoftPrompt
+from app.evaluation.task import Example
+from app.llm.port import Capability, ContinuousPrefix, PrefixKind
+from app.optimizers.base import (
+    CandidateResult,
+    MethodParams,
+    Optimizer,
+    OptimizerContext,
+    StepReport,
+    subset_positions,
+)
+from app.optimizers.bbt.cmaes import CmaSearch, CmaSettings
+from app.optimizers.bbt.projection import (
+    ARTIFACT_VERSION,
+    describe,
+    input_projection,
+    layer_vectors,
+    project,
+    projection_std,
+    soft_prompt_from_artifact,
+)
+
+HINGE_MARGIN = 2.0
+_SUBSET_PURPOSE = 411
+
+
+class BbtParams(MethodParams):
+    prompt_length: int = Field(50, ge=1, le=256, description="Soft-prompt vectors (virtual tokens) n.")
+    intrinsic_dim: int = Field(500, ge=1, le=5000, description="Dimension d of the searched z.")
+    popsize: int = Field(20, ge=2, le=512, description="CMA-ES population size (lambda).")
+    budget: int = Field(
+        8000, ge=1, le=1_000_000, description="CMA-ES candidate evaluations; each scores the whole training set."
+    )
+    sigma: float = Field(1.0, gt=0.0, le=100.0, description="CMA-ES initial step size.")
+    alpha: float = Field(1.0, gt=0.0, le=100.0, description="Scale of the random projection A.")
+    bound: float = Field(0.0, ge=0.0, description="Box bound on z (0: unbounded).")
+    loss: Literal["ce", "hinge"] = Field("ce", description="Training loss over the verbalizer log-probs.")
+    eval_every: int = Field(100, ge=1, description="Candidate evaluations between model selections on dev.")
+    budget2: int = Field(0, ge=0, le=100_000, description="BBT-RGB stage 2: COBYLA evaluations after CMA-ES (0: off).")
+    cobyla_rhobeg: float = Field(0.5, gt=0.0, le=100.0, description="COBYLA initial trust-region radius.")
+    train_subset: int | None = Field(
+        None, ge=1, description="Score on a fixed, seeded subset of this many training examples (None: all)."
+    )
+
+
+class BbtV2Params(BbtParams):
+    # The authors' recommended BBTv2 command (README): sigma 0.2, alpha 0.2.
+    sigma: float = Field(0.2, gt=0.0, le=100.0, description="CMA-ES initial step size (every layer).")
+    alpha: float = Field(0.2, gt=0.0, le=100.0, description="Scale of the random projections A_l.")
+
+
+_PAPER = {"prompt_length": 50, "intrinsic_dim": 500, "popsize": 20, "budget": 8000, "sigma": 1.0, "alpha": 1.0}
+# For the 135M CPU model: one benchmark run in under 10 minutes on 2 cores.
+_SMALL = {"prompt_length": 5, "intrinsic_dim": 50, "popsize": 8, "budget": 96, "eval_every": 16, "train_subset": 20}
+_PAPER_V2 = {**_PAPER, "sigma": 0.2, "alpha": 0.2}
+_SMALL_V2 = {**_SMALL, "popsize": 4, "budget": 120, "eval_every": 40, "sigma": 0.2, "alpha": 0.2, "train_subset": 14}
+
+
+def loss_and_accuracy(logprobs: list[list[float]], gold: list[int], loss: str) -> tuple[float, float]:
+    """Mean loss and accuracy over examples, from each example's verbalizer log-probs."""
+    lp = np.asarray(logprobs, dtype=np.float64)
+    y = np.asarray(gold)
+    rows = np.arange(len(y))
+    correct = lp[rows, y]
+    if loss == "ce":
+        top = lp.max(axis=1, keepdims=True)
+        logsumexp = top[:, 0] + np.log(np.exp(lp - top).sum(axis=1))
+        per_example = logsumexp - correct
+    else:
+        margins = np.maximum(0.0, lp - correct[:, None] + HINGE_MARGIN)
+        margins[rows, y] = 0.0
+        per_example = margins.sum(axis=1)
+    accuracy = float((lp.argmax(axis=1) == y).mean())
+    return float(per_example.mean()), accuracy
+
+
+def _label_task_problems(task: dict[str, Any]) -> list[tuple[list[str], str]]:
+    if task.get("metric") != "label_accuracy" or not task.get("labels"):
+        return [
+            (
+                ["metric"],
+                "soft prompts are trained on label log-probs: the task needs metric 'label_accuracy' and labels",
+            )
+        ]
+    return []
+
+
+class _BlackBoxTuning(Optimizer):
+    """What BBT and BBTv2 share: the scoring set, losses, candidates with artifacts, COBYLA, selection cadence."""
+
+    params: BbtParams
+    scorer_needs: ClassVar[frozenset[Capability]] = frozenset({Capability.LABEL_LOGPROBS})
+
+    def __init__(self, params: BbtParams, seed: int) -> None:
+        super().__init__(params, seed)
+        self.evaluations = 0  # candidate evaluations so far (the paper's "API calls")
+        self.scale: dict[str, Any] | None = None  # model geometry and projection stds, measured in step 0
+        self.model_id: str | None = None
+        self.instruction = ""
+        self.scoring_positions: list[int] | None = None
+
+    @classmethod
+    def check_task(cls, task: dict[str, Any]) -> list[tuple[list[str], str]]:
+        return _label_task_problems(task)
+
+    @classmethod
+    def prompt_from_artifact(cls, artifact: dict[str, Any]) -> SoftPrompt:
+        return soft_prompt_from_artifact(artifact)
+
+    # -- shared state -----------------------------------------------------------------------------------
+
+    def _common_state(self) -> dict[str, Any]:
+        return {
+            "evaluations": self.evaluations,
+            "scale": self.scale,
+            "model_id": self.model_id,
+            "instruction": self.instruction,
+            "scoring_positions": self.scoring_positions,
+        }
+
+    def _load_common(self, state: dict[str, Any]) -> None:
+        self.evaluations = state["evaluations"]
+        self.scale = state["scale"]
+        self.model_id = state["model_id"]
+        self.instruction = state["instruction"]
+        self.scoring_positions = state["scoring_positions"]
+
+    # -- scoring ----------------------------------------------------------------------------------------
+
+    def scoring_examples(self, ctx: OptimizerContext) -> list[Example]:
+        train = ctx.evaluator.task.split_examples("train")
+        if self.scoring_positions is None:
+            self.scoring_positions = subset_positions(len(train), self.params.train_subset, self.seed, _SUBSET_PURPOSE)
+        return [train[i] for i in self.scoring_positions]
+
+    async def losses(self, ctx: OptimizerContext, prompts: list, examples: list[Example]) -> list[tuple[float, float]]:
+        """(loss, accuracy) of each prompt on `examples`, all prompts in one batch."""
+        labels = ctx.evaluator.task.labels or []
+        gold = [labels.index(ex.target) for ex in examples]
+        per_prompt = await ctx.evaluator.label_logprobs(prompts, examples)
+        return [loss_and_accuracy(lp, gold, self.params.loss) for lp in per_prompt]
+
+    async def score_initial(self, ctx: OptimizerContext, examples: list[Example]) -> CandidateResult:
+        if not ctx.evaluator.uses_label_logprobs:
+            raise ValueError("BBT needs a label task scored by label log-probs (metric label_accuracy with labels)")
+        self.instruction = ctx.initial_prompt
+        self.model_id = ctx.evaluator.llm.info.model_id
+        ((loss, accuracy),) = await self.losses(ctx, [ctx.initial_prompt], examples)
+        return CandidateResult(ctx.initial_prompt, accuracy, 0, {"loss": round(loss, 6), "origin": "initial"})
+
+    def artifact(self, z: Any) -> dict[str, Any]:
+        assert self.scale is not None
+        return {
+            "version": ARTIFACT_VERSION,
+            "method": self.method,
+            "model_id": self.model_id,
+            "geometry": self.scale["geometry"],
+            "projection_seed": self.seed,
+            "prompt_length": self.params.prompt_length,
+            "intrinsic_dim": self.params.intrinsic_dim,
+            "alpha": self.params.alpha,
+            "sigma": self.params.sigma,
+            **{k: v for k, v in self.scale.items() if k in ("std", "stds")},
+            "z": z,
+            "text": self.instruction,
+        }
+
+    def candidate(self, artifact: dict, prompt: SoftPrompt, loss: float, accuracy: float, step: int, **details):
+        return CandidateResult(
+            prompt.description,
+            accuracy,
+            step,
+            {"loss": round(loss, 6), **details},
+            artifact=artifact,
+            scoring_prompt=prompt,
+        )
+
+    def report(self, step: int, candidates: list[CandidateResult], message: str, evaluated: int, last: bool):
+        before = self.evaluations
+        self.evaluations += evaluated
+        crossed = before // self.params.eval_every != self.evaluations // self.params.eval_every
+        leader = min(range(len(candidates)), key=lambda i: candidates[i].details["loss"]) if candidates else None
+        return StepReport(step, candidates, message=message, leader=leader, select=crossed or last)
+
+    async def cobyla(
+        self, x0: np.ndarray, evaluations: int, rhobeg: float, evaluate
+    ) -> list[tuple[np.ndarray, float, Any]]:
+        """COBYLA from x0 for at most `evaluations` loss evaluations; returns every (x, loss, extra) it tried.
+
+        SciPy's COBYLA calls the loss synchronously, so it runs on a thread and each call awaits the (batched,
+        cached, metered) evaluation on the event loop. A resumed job replays the same calls from the cache."""
+        from scipy.optimize import minimize
+
+        loop = asyncio.get_running_loop()
+        tried: list[tuple[np.ndarray, float, Any]] = []
+        stop = threading.Event()
+
+        class _Spent(Exception):
+            pass
+
+        def objective(x: np.ndarray) -> float:
+            if stop.is_set() or len(tried) >= evaluations:
+                raise _Spent
+            loss, extra = asyncio.run_coroutine_threadsafe(evaluate(np.array(x)), loop).result()
+            tried.append((np.array(x), loss, extra))
+            return loss
+
+        def run() -> None:
+            try:
+                with warnings.catch_warnings():
+                    # "Invalid MAXFUN": a budget under d + 2 is fine, the objective enforces it.
+                    warnings.simplefilter("ignore")
+                    minimize(objective, x0, method="COBYLA", options={"maxiter": evaluations, "rhobeg": rhobeg})
+            except _Spent:
+                pass
+
+        try:
+            await asyncio.to_thread(run)
+        except BaseException:
+            stop.set()
+            raise
+        return tried
+
+
+class Bbt(_BlackBoxTuning):
+    """BBT: CMA-ES over a soft prompt at the input layer, in a random low-dimensional subspace."""
+
+    method: ClassVar[str] = "bbt"
+    params_model: ClassVar[type[MethodParams]] = BbtParams
+    scorer_needs: ClassVar[frozenset[Capability]] = frozenset({Capability.LABEL_LOGPROBS, Capability.INPUT_EMBEDDINGS})
+    presets: ClassVar[dict[str, dict[str, Any]]] = {"paper": _PAPER, "small": _SMALL}
+
+    def __init__(self, params: BbtParams, seed: int) -> None:
+        super().__init__(params, seed)
+        self.search: CmaSearch | None = None
+        self.search_state: dict | None = None
+        self.z: list[float] | None = None  # current best z (CMA-ES, then COBYLA)
+        self._projection: np.ndarray | None = None
+
+    @property
+    def generations(self) -> int:
+        return max(1, self.params.budget // self.params.popsize)
+
+    @property
+    def total_steps(self) -> int:
+        return self.generations + (1 if self.params.budget2 > 0 else 0)
+
+    def _state(self) -> dict[str, Any]:
+        search_state = self.search.state_dict() if self.search is not None else self.search_state
+        return {**self._common_state(), "search": search_state, "z": self.z}
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self._load_common(state)
+        self.search_state = state["search"]
+        self.search = None
+        self.z = state["z"]
+
+    def _settings(self) -> CmaSettings:
+        p = self.params
+        return CmaSettings(
+            dim=p.intrinsic_dim, sigma=p.sigma, popsize=p.popsize, seed=self.seed, key=(0,), bound=p.bound
+        )
+
+    def _search(self) -> CmaSearch:
+        if self.search is None:
+            if self.search_state is None:
+                self.search = CmaSearch(self._settings())
+            else:
+                self.search = CmaSearch.restore(self._settings(), self.search_state)
+        return self.search
+
+    def soft_prompt(self, z: np.ndarray) -> tuple[dict, SoftPrompt]:
+        assert self.scale is not None
+        p = self.params
+        if self._projection is None:
+            hidden = self.scale["geometry"]["hidden_size"]
+            self._projection = input_projection(self.seed, p.intrinsic_dim, p.prompt_length, hidden, self.scale["std"])
+        vectors = project(z, self._projection).reshape(p.prompt_length, -1)
+        artifact = self.artifact([float(v) for v in z])
+        return artifact, SoftPrompt(
+            describe(artifact), self.instruction, ContinuousPrefix.of(PrefixKind.INPUT, vectors)
+        )
+
+    async def step(self, ctx: OptimizerContext) -> StepReport:
+        if self.done:
+            raise RuntimeError("BBT run is already complete")
+        step = self.steps_done
+        examples = self.scoring_examples(ctx)
+        p = self.params
+        if step == 0:
+            initial = await self.score_initial(ctx, examples)
+            geometry = await ctx.evaluator.llm.model_geometry()
+            std = projection_std(p.alpha, await ctx.evaluator.llm.embedding_std(), p.intrinsic_dim, p.sigma)
+            self.scale = {"geometry": geometry, "std": std}
+            self.steps_done = 1
+            return StepReport(
+                0, [initial], message=f"manual prompt scored on {len(examples)} examples; A std {std:.3g}"
+            )
+
+        if step <= self.generations:
+            search = self._search()
+            population = search.ask()
+            made = [self.soft_prompt(z) for z in population]
+            scored = await self.losses(ctx, [sp for _, sp in made], examples)
+            search.tell(population, [loss for loss, _ in scored])
+            self.z = [float(v) for v in search.best_x]
+            candidates = [
+                self.candidate(artifact, sp, loss, acc, step, generation=step)
+                for (artifact, sp), (loss, acc) in zip(made, scored, strict=True)
+            ]
+            message = f"generation {step}/{self.generations}: best loss {min(loss for loss, _ in scored):.4f}"
+            self.steps_done += 1
+            return self.report(step, candidates, message, len(population), last=step == self.generations)
+
+        # Stage 2: COBYLA from the best z so far.
+        async def evaluate(x: np.ndarray):
+            artifact, sp = self.soft_prompt(x)
+            ((loss, acc),) = await self.losses(ctx, [sp], examples)
+            return loss, (artifact, sp, acc)
+
+        tried = await self.cobyla(np.asarray(self.z, dtype=np.float64), p.budget2, p.cobyla_rhobeg, evaluate)
+        candidates = [self.candidate(a, sp, loss, acc, step, stage="cobyla") for _, loss, (a, sp, acc) in tried]
+        if tried:
+            x, loss, _ = min(tried, key=lambda t: t[1])
+            if loss < self._search().best_loss:
+                self.z = [float(v) for v in x]
+        self.steps_done += 1
+        return self.report(step, candidates, f"COBYLA: {len(tried)} evaluations", len(tried), last=True)
+
+
+class BbtV2(_BlackBoxTuning):
+    """BBTv2: CMA-ES over key/value prefixes at every layer, one subspace and one search per layer, swept."""
+
+    method: ClassVar[str] = "bbtv2"
+    params_model: ClassVar[type[MethodParams]] = BbtV2Params
+    scorer_needs: ClassVar[frozenset[Capability]] = frozenset({Capability.LABEL_LOGPROBS, Capability.DEEP_PROMPT})
+    presets: ClassVar[dict[str, dict[str, Any]]] = {"paper": _PAPER_V2, "small": _SMALL_V2}
+
+    def __init__(self, params: BbtParams, seed: int) -> None:
+        super().__init__(params, seed)
+        self.searches: dict[int, CmaSearch] = {}
+        self.search_states: dict[str, dict] = {}
+        self.z: list[list[float] | None] = []  # per layer: current best z (None: not searched yet, zero prefix)
+        self._layer_cache: dict[int, np.ndarray] = {}
+
+    # Before step 0 the number of layers is unknown: count as if there were one (an upper bound).
+    @property
+    def num_layers(self) -> int:
+        return int(self.scale["geometry"]["num_layers"]) if self.scale else 1
+
+    @property
+    def rounds(self) -> int:
+        return max(1, self.params.budget // (self.params.popsize * self.num_layers))
+
+    @property
+    def total_steps(self) -> int:
+        stage2 = self.num_layers if self.params.budget2 > 0 else 0
+        return self.rounds * self.num_layers + stage2
+
+    def _state(self) -> dict[str, Any]:
+        searches = dict(self.search_states)
+        searches.update({str(layer): s.state_dict() for layer, s in self.searches.items()})
+        return {**self._common_state(), "searches": searches, "z": self.z}
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self._load_common(state)
+        self.search_states = dict(state["searches"])
+        self.searches = {}
+        self.z = state["z"]
+        self._layer_cache = {}
+
+    def _search(self, layer: int) -> CmaSearch:
+        if layer not in self.searches:
+            p = self.params
+            settings = CmaSettings(
+                dim=p.intrinsic_dim, sigma=p.sigma, popsize=p.popsize, seed=self.seed, key=(1 + layer,), bound=p.bound
+            )
+            saved = self.search_states.pop(str(layer), None)
+            self.searches[layer] = CmaSearch.restore(settings, saved) if saved else CmaSearch(settings)
+        return self.searches[layer]
+
+    def _layer(self, layer: int, z: np.ndarray | list[float] | None) -> np.ndarray:
+        assert self.scale is not None
+        key_std, value_std = self.scale["stds"][layer]
+        zero = np.zeros(self.params.intrinsic_dim)
+        return layer_vectors(
+            self.seed,
+            layer,
+            zero if z is None else np.asarray(z),
+            self.scale["geometry"],
+            self.params.prompt_length,
+            key_std,
+            value_std,
+        )
+
+    def _current(self, layer: int) -> np.ndarray:
+        if layer not in self._layer_cache:
+            self._layer_cache[layer] = self._layer(layer, self.z[layer])
+        return self._layer_cache[layer]
+
+    def soft_prompt(self, layer: int, z: np.ndarray) -> tuple[dict, SoftPrompt]:
+        stack = np.stack([self._current(i) if i != layer else self._layer(layer, z) for i in range(self.num_layers)])
+        zs = [([0.0] * self.params.intrinsic_dim if v is None else v) for v in self.z]
+        zs[layer] = [float(v) for v in z]
+        artifact = self.artifact(zs)
+        return artifact, SoftPrompt(describe(artifact), self.instruction, ContinuousPrefix.of(PrefixKind.DEEP, stack))
+
+    def _set_layer(self, layer: int, z: np.ndarray) -> None:
+        self.z[layer] = [float(v) for v in z]
+        self._layer_cache.pop(layer, None)
+
+    async def step(self, ctx: OptimizerContext) -> StepReport:
+        if self.done:
+            raise RuntimeError("BBTv2 run is already complete")
+        step = self.steps_done
+        examples = self.scoring_examples(ctx)
+        p = self.params
+        if step == 0:
+            initial = await self.score_initial(ctx, examples)
+            geometry = await ctx.evaluator.llm.model_geometry()
+            # Per-layer key/value statistics over the scoring inputs as the model sees them (manual prompt).
+            texts = [ctx.evaluator.render(ctx.initial_prompt, ex) for ex in examples]
+            kv = await ctx.evaluator.llm.kv_statistics(texts)
+            stds = [
+                [
+                    projection_std(p.alpha, k, p.intrinsic_dim, p.sigma),
+                    projection_std(p.alpha, v, p.intrinsic_dim, p.sigma),
+                ]
+                for k, v in kv
+            ]
+            self.scale = {"geometry": geometry, "stds": stds}
+            self.z = [None] * int(geometry["num_layers"])
+            self.steps_done = 1
+            return StepReport(0, [initial], message=f"manual prompt scored on {len(examples)} examples")
+
+        index = step - 1
+        sweep_steps = self.rounds * self.num_layers
+        if index < sweep_steps:
+            round_, layer = divmod(index, self.num_layers)
+            search = self._search(layer)
+            population = search.ask()
+            made = [self.soft_prompt(layer, z) for z in population]
+            scored = await self.losses(ctx, [sp for _, sp in made], examples)
+            search.tell(population, [loss for loss, _ in scored])
+            self._set_layer(layer, search.best_x)
+            candidates = [
+                self.candidate(artifact, sp, loss, acc, step, round=round_ + 1, layer=layer)
+                for (artifact, sp), (loss, acc) in zip(made, scored, strict=True)
+            ]
+            best_loss = min(loss for loss, _ in scored)
+            message = f"round {round_ + 1}/{self.rounds}, layer {layer}: best loss {best_loss:.4f}"
+            self.steps_done += 1
+            return self.report(step, candidates, message, len(population), last=index == sweep_steps - 1)
+
+        # Stage 2: one COBYLA run per layer, from that layer's best z, the others held.
+        layer = index - sweep_steps
+        per_layer = max(1, p.budget2 // self.num_layers)
+
+        async def evaluate(x: np.ndarray):
+            artifact, sp = self.soft_prompt(layer, x)
+            ((loss, acc),) = await self.losses(ctx, [sp], examples)
+            return loss, (artifact, sp, acc)
+
+        start = np.asarray(self.z[layer] or np.zeros(p.intrinsic_dim), dtype=np.float64)
+        tried = await self.cobyla(start, per_layer, p.cobyla_rhobeg, evaluate)
+        candidates = [
+            self.candidate(a, sp, loss, acc, step, stage="cobyla", layer=layer) for _, loss, (a, sp, acc) in tried
+        ]
+        if tried:
+            x, loss, _ = min(tried, key=lambda t: t[1])
+            if loss < tried[0][1]:  # the first evaluation is the starting point itself
+                self._set_layer(layer, x)
+        self.steps_done += 1
+        last = layer == self.num_layers - 1
+        return self.report(step, candidates, f"COBYLA layer {layer}: {len(tried)} evaluations", len(tried), last)
