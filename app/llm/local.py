@@ -298,6 +298,7 @@ class LocalBackend:
         self._model: Any = None
         self._cache_kwarg = "cache"
         self._stop_ids: frozenset[int] = frozenset()
+        self._special_prefix: list[int] = []
         self._first_token: dict[str, int | None] = {}
         self._closed = False
 
@@ -549,6 +550,12 @@ class LocalBackend:
             stop_ids.add(tokenizer.eos_token_id)
         self._stop_ids = frozenset(stop_ids)
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        # Ids the tokenizer puts before every prompt (a BOS for some models, none for SmolLM2): a soft prompt
+        # goes after them, as the openai_compat backend sends it.
+        plain = tokenizer("Hello", add_special_tokens=False).input_ids
+        full = tokenizer("Hello").input_ids
+        cut = len(full) - len(plain)
+        self._special_prefix = full[:cut] if cut > 0 and full[cut:] == plain else []
         config = model.config
         self._info.geometry = {
             "hidden_size": int(config.hidden_size),
@@ -660,15 +667,18 @@ class LocalBackend:
         return out
 
     def _forward_input_prefix(self, ids: list[list[int]], prefixes: list[ContinuousPrefix]):
-        """Each row: its prefix vectors, then its tokens' embeddings; left-padded with zero vectors."""
+        """Each row: its leading special tokens, its prefix vectors, then its other tokens' embeddings;
+        left-padded with zero vectors."""
         import torch
 
         embed = self._model.get_input_embeddings()
         dtype = embed.weight.dtype
-        rows = [
-            torch.cat([torch.tensor(p.vectors, dtype=dtype), embed(torch.tensor(seq, dtype=torch.long))])
-            for seq, p in zip(ids, prefixes, strict=True)
-        ]
+        special = self._special_prefix
+        rows = []
+        for seq, p in zip(ids, prefixes, strict=True):
+            head = len(special) if seq[: len(special)] == special else 0
+            tokens = embed(torch.tensor(seq, dtype=torch.long))
+            rows.append(torch.cat([tokens[:head], torch.tensor(p.vectors, dtype=dtype), tokens[head:]]))
         width = max(len(r) for r in rows)
         embeds = torch.zeros((len(rows), width, rows[0].shape[-1]), dtype=dtype)
         mask = torch.zeros((len(rows), width), dtype=torch.long)

@@ -10,6 +10,9 @@ Calls:
       either `logprob_token_ids=[first token id of each verbalizer]` (newer vLLM; ids from `POST /tokenize`)
       or `logprobs=k` (top-k, matched against the verbalizers' first-token strings; a verbalizer outside
       the top-k scores -inf). `prompt_logprobs` is never used: it defeats vLLM's prefix caching.
+      A request behind an input-layer soft prompt (BBT) is sent as `prompt_embeds` instead of `prompt`: the
+      prompt's tokens (server `/tokenize`) embedded with the served model's matrix (`embedding_weights`), the
+      soft prompt's vectors after any leading special tokens, as the local runner places them.
 
 Failures: connection errors, timeouts, 408, 429 and 5xx are retried with full-jitter exponential backoff
 (`Retry-After` honoured); any other 4xx raises `BackendHTTPError` at once with the server's message.
@@ -22,27 +25,33 @@ them from the calls a job is charged for.
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
+import io
 import logging
 import math
 import random
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import httpx
+import numpy as np
 
 from app.llm.port import (
     BackendError,
     BackendInfo,
     Capability,
     CapabilityMissing,
+    ContinuousPrefix,
     Generation,
     GenerationRequest,
     LabelScoreRequest,
     LabelScores,
     OnResult,
+    PrefixKind,
 )
 from app.settings import BackendSettings
 
@@ -63,9 +72,14 @@ LABEL_MODE_TOKEN_IDS = "token_ids"  # logprob_token_ids + return_tokens_as_token
 LABEL_MODE_TOP_K = "top_k"  # logprobs=k, keys are decoded token strings
 
 _RETRYABLE_TRANSPORT_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
-# INPUT_EMBEDDINGS: vLLM can take `prompt_embeds`, but this client does not send them yet (it would need the
-# served model's embedding matrix to embed the templated text); until it does, BBT runs on the local runner.
-_NEVER = frozenset({Capability.DEEP_PROMPT, Capability.TOKEN_EMBEDDINGS, Capability.INPUT_EMBEDDINGS})
+_NEVER = frozenset({Capability.DEEP_PROMPT, Capability.TOKEN_EMBEDDINGS})
+# The probe's prompt_embeds answer must match its text answer this closely, or the embedding weights are not
+# the served model's (bf16 serving moves a log-prob by a few hundredths).
+PROMPT_EMBEDS_TOLERANCE = 0.1
+# A text whose next token a model predicts with some confidence, so wrong embeddings show.
+_PROBE_TEXT = "The capital of France is the city of"
+# Token ids of prompts sent as embeddings, kept per text (BBT re-sends each training example per candidate).
+_TOKEN_ID_CACHE_SIZE = 4096
 _DEFAULT_UNPROBED = ("generate", "label_logprobs")
 _MAX_ALLOWED_RE = re.compile(r"max(?:imum)?[ _]?(?:allowed|logprobs)?\D{0,16}?(\d+)", re.IGNORECASE)
 _T = TypeVar("_T")
@@ -123,6 +137,12 @@ class OpenAICompatBackend:
         # Verbalizer text -> its first token id / first token string (label sets are small: no eviction).
         self._first_token_ids: dict[str, int | None] = {}
         self._first_token_strs: dict[str, str | None] = {}
+        # prompt_embeds (soft prompts): the served model's input embeddings, read from `embedding_weights` on
+        # first use; the ids the server's tokenizer puts before a prompt's own tokens; prompt -> token ids.
+        self._embeddings: Any = None
+        self._embeddings_lock = asyncio.Lock()
+        self._special_prefix: list[int] | None = None
+        self._prompt_ids: OrderedDict[str, list[int]] = OrderedDict()
         self._detail: dict[str, Any] = {"base_url": self.base_url, "probed": False}
         if not settings.probe:
             caps = configured
@@ -186,8 +206,11 @@ class OpenAICompatBackend:
         await self.start()
         self._require(Capability.LABEL_LOGPROBS)
         requests = list(requests)
-        if any(r.prefix is not None for r in requests):
-            raise CapabilityMissing(f"backend {self.name!r} cannot take continuous prompt prefixes")
+        for request in requests:
+            if request.prefix is not None:
+                if request.prefix.kind != PrefixKind.INPUT:
+                    raise CapabilityMissing(f"backend {self.name!r} cannot take {request.prefix.kind.value} prefixes")
+                self._require(Capability.INPUT_EMBEDDINGS)
         verbalizers = sorted({v for r in requests for v in r.verbalizers})
         if self._label_mode == LABEL_MODE_TOKEN_IDS:
             await self._resolve(verbalizers, self._first_token_ids, self._tokenize_first)
@@ -227,7 +250,7 @@ class OpenAICompatBackend:
         found: dict[int, float] = {}
         data: dict = {}
         if wanted:
-            body = self._label_body(request.prompt, min(len(wanted), self._max_logprobs))
+            body = self._label_body(await self._label_input(request), min(len(wanted), self._max_logprobs))
             body["logprob_token_ids"] = wanted
             body["return_tokens_as_token_ids"] = True
             data = await self._request("POST", f"{self.base_url}/completions", body)
@@ -239,7 +262,7 @@ class OpenAICompatBackend:
         return self._label_scores(request, data, logprobs)
 
     async def _label_one_by_top_k(self, request: LabelScoreRequest) -> LabelScores:
-        body = self._label_body(request.prompt, self._max_logprobs)
+        body = self._label_body(await self._label_input(request), self._max_logprobs)
         data = await self._request("POST", f"{self.base_url}/completions", body)
         top = _first_top_logprobs(data, self.name)
         logprobs = []
@@ -249,8 +272,83 @@ class OpenAICompatBackend:
             logprobs.append(float(value) if value is not None else -math.inf)
         return self._label_scores(request, data, logprobs)
 
-    def _label_body(self, prompt: str, k: int) -> dict[str, Any]:
-        return self._body(prompt=prompt, max_tokens=1, temperature=0, logprobs=k)
+    def _label_body(self, prompt: str | dict[str, Any], k: int) -> dict[str, Any]:
+        """A one-token scoring completion of `prompt`: a text, or the input fields (`prompt_embeds`) themselves."""
+        fields = {"prompt": prompt} if isinstance(prompt, str) else prompt
+        return self._body(**fields, max_tokens=1, temperature=0, logprobs=k)
+
+    async def _label_input(self, request: LabelScoreRequest) -> str | dict[str, Any]:
+        if request.prefix is None:
+            return request.prompt
+        return {"prompt_embeds": await self._prompt_embeds(request.prompt, request.prefix)}
+
+    # ------------------------------------------------------------------ prompt embeddings (soft prompts)
+
+    async def _embedding_matrix(self) -> Any:
+        """The served model's (vocab, hidden) input embeddings, read once from `embedding_weights`."""
+        if self._embeddings is None:
+            async with self._embeddings_lock:
+                if self._embeddings is None:
+                    if not self.settings.embedding_weights:
+                        raise BackendError(
+                            f"{self.name}: set embedding_weights (the served model's safetensors) to send soft prompts"
+                        )
+                    from app.llm.embedding_weights import load_input_embeddings
+
+                    self._embeddings = await asyncio.to_thread(
+                        load_input_embeddings, self.settings.embedding_weights, self.settings.embedding_tensor
+                    )
+                    self._info = self._make_info(self._info.capabilities)  # now with the hidden size
+        return self._embeddings
+
+    async def embedding_std(self) -> float:
+        """Standard deviation of all entries of the input embedding matrix (BBT's projection scale)."""
+        matrix = await self._embedding_matrix()
+        return float(await asyncio.to_thread(matrix.std))
+
+    async def _token_ids(self, prompt: str, *, probe: bool = False, max_retries: int | None = None) -> list[int]:
+        """The prompt's ids as a completion would tokenize it (special tokens included), cached per text."""
+        if prompt in self._prompt_ids:
+            self._prompt_ids.move_to_end(prompt)
+            return self._prompt_ids[prompt]
+        ids = await self._tokenize(prompt, add_special_tokens=True, probe=probe, max_retries=max_retries)
+        self._prompt_ids[prompt] = ids
+        if len(self._prompt_ids) > _TOKEN_ID_CACHE_SIZE:
+            self._prompt_ids.popitem(last=False)
+        return ids
+
+    async def _leading_special(self, *, probe: bool = False, max_retries: int | None = None) -> list[int]:
+        """Ids the tokenizer puts before every prompt (a BOS, for some models; none for SmolLM2)."""
+        if self._special_prefix is None:
+            with_special = await self._tokenize("Hello", add_special_tokens=True, probe=probe, max_retries=max_retries)
+            plain = await self._tokenize("Hello", probe=probe, max_retries=max_retries)
+            cut = len(with_special) - len(plain)
+            self._special_prefix = with_special[:cut] if cut > 0 and with_special[cut:] == plain else []
+        return self._special_prefix
+
+    async def _prompt_embeds(
+        self, prompt: str, prefix: ContinuousPrefix | None, *, probe: bool = False, max_retries: int | None = None
+    ) -> str:
+        """base64 of a torch-saved (tokens + prefix, hidden) float32 tensor, as vLLM reads `prompt_embeds`."""
+        matrix = await self._embedding_matrix()
+        special = await self._leading_special(probe=probe, max_retries=max_retries)
+        ids = await self._token_ids(prompt, probe=probe, max_retries=max_retries)
+        if ids and max(ids) >= matrix.shape[0]:
+            raise BackendError(
+                f"{self.name}: token id {max(ids)} is outside the {matrix.shape[0]}-row embedding_weights: "
+                "they are not the served model's"
+            )
+        head = len(special) if ids[: len(special)] == special else 0
+        parts = [matrix[ids[:head]]]
+        if prefix is not None:
+            if prefix.vectors.shape[1] != matrix.shape[1]:
+                raise BackendError(
+                    f"{self.name}: soft prompt of width {prefix.vectors.shape[1]} does not fit this model "
+                    f"(hidden size {matrix.shape[1]})"
+                )
+            parts.append(prefix.vectors)
+        parts.append(matrix[ids[head:]])
+        return await asyncio.to_thread(_encode_tensor, np.concatenate(parts, axis=0))
 
     def _body(self, **fields: Any) -> dict[str, Any]:
         """A request body naming the model (left out when none is known: the server's default)."""
@@ -260,7 +358,8 @@ class OpenAICompatBackend:
         usage = data.get("usage") or {}
         prompt_tokens = usage.get("prompt_tokens")
         if prompt_tokens is None:
-            prompt_tokens = _estimate_tokens(request.prompt) if data else 0
+            prompt_tokens = _estimate_tokens(request.prompt) + (request.prefix.length if request.prefix else 0)
+            prompt_tokens = prompt_tokens if data else 0
         completion_tokens = usage.get("completion_tokens")
         if completion_tokens is None:
             completion_tokens = 1 if data else 0
@@ -277,8 +376,10 @@ class OpenAICompatBackend:
             values = await self._fan_out(missing, compute, None)
             cache.update(zip(missing, values, strict=True))
 
-    async def _tokenize(self, text: str, *, probe: bool = False, max_retries: int | None = None) -> list[int]:
-        body = self._body(prompt=text, add_special_tokens=False)
+    async def _tokenize(
+        self, text: str, *, add_special_tokens: bool = False, probe: bool = False, max_retries: int | None = None
+    ) -> list[int]:
+        body = self._body(prompt=text, add_special_tokens=add_special_tokens)
         data = await self._request("POST", f"{self.root_url}/tokenize", body, probe=probe, max_retries=max_retries)
         tokens = data.get("tokens") if isinstance(data, dict) else None
         if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
@@ -355,16 +456,54 @@ class OpenAICompatBackend:
             else:
                 label_mode = LABEL_MODE_TOP_K
                 k = await self._probe_max_logprobs(retries)
-        configured = self._configured_capabilities() if self.settings.capabilities is not None else frozenset()
-        if Capability.INPUT_EMBEDDINGS in configured:
-            caps.add(Capability.INPUT_EMBEDDINGS)
-
         self._label_mode = label_mode
         self._max_logprobs = k
         detail.update(label_mode=label_mode, tokenize=self._tokenize_ok, max_logprobs=k)
+        if Capability.LABEL_LOGPROBS in caps:
+            embeds = await self._probe_prompt_embeds(retries)
+            detail["prompt_embeds"] = embeds
+            if embeds == "ok":
+                caps.add(Capability.INPUT_EMBEDDINGS)
+                detail["hidden_size"] = int(self._embeddings.shape[1])
         self._detail = detail
         self._info = self._make_info(frozenset(caps))
         log.info("backend %s: model %s, capabilities %s, %s", self.name, model_id, sorted(caps), detail)
+
+    async def _probe_prompt_embeds(self, retries: int) -> str:
+        """'ok' when the server takes `prompt_embeds` and answers for them as for the same text; else why not.
+
+        Needs `embedding_weights` and `/tokenize`. The text and the embedded text must get the same top token
+        and log-prob: that also catches weights that are not the served model's."""
+        if not self.settings.embedding_weights:
+            return "off: no embedding_weights configured"
+        if not self._tokenize_ok:
+            return "off: the server has no /tokenize"
+        from app.llm.embedding_weights import EmbeddingWeightsError
+
+        try:
+            embeds = await self._prompt_embeds(_PROBE_TEXT, None, probe=True, max_retries=retries)
+        except (EmbeddingWeightsError, OSError, BackendError) as exc:
+            return f"off: {exc}"
+        finally:
+            self._prompt_ids.clear()
+        k = min(5, self._max_logprobs)
+        as_embeds = await self._probe_completion(self._label_body({"prompt_embeds": embeds}, k), retries)
+        if as_embeds is None:
+            return "off: the server refused prompt_embeds (vLLM needs --enable-prompt-embeds)"
+        as_text = await self._probe_completion(self._label_body(_PROBE_TEXT, k), retries)
+        try:
+            top_embeds = _first_top_logprobs(as_embeds, self.name)
+            top_text = _first_top_logprobs(as_text, self.name) if as_text else {}
+        except BackendError:
+            return "off: the prompt_embeds answer had no logprobs"
+        shared = set(top_embeds) & set(top_text)
+        same_top = bool(top_text) and max(top_embeds, key=top_embeds.get) == max(top_text, key=top_text.get)
+        if not same_top or any(abs(top_embeds[t] - top_text[t]) > PROMPT_EMBEDS_TOLERANCE for t in shared):
+            return (
+                f"off: the server answers the embedded probe text differently ({top_embeds}) than the text itself "
+                f"({top_text}); embedding_weights do not look like the served model's"
+            )
+        return "ok"
 
     async def _probe_completion(self, body: dict, retries: int) -> dict | None:
         """A probe completion's answer, or None when the server refuses it with a 4xx."""
@@ -447,6 +586,7 @@ class OpenAICompatBackend:
         return frozenset(caps)
 
     def _make_info(self, caps: frozenset[Capability]) -> BackendInfo:
+        geometry = {"hidden_size": int(self._embeddings.shape[1])} if self._embeddings is not None else {}
         return BackendInfo(
             name=self.name,
             kind=KIND,
@@ -454,6 +594,7 @@ class OpenAICompatBackend:
             capabilities=frozenset(caps),
             max_concurrency=self.settings.max_concurrency,
             detail=dict(self._detail),
+            geometry=geometry,
         )
 
     def _require(self, capability: Capability) -> None:
@@ -617,6 +758,14 @@ def _retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+def _encode_tensor(array: np.ndarray) -> str:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)), buffer)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _estimate_tokens(text: str) -> int:

@@ -615,6 +615,8 @@ class FakeVLLM:
     def _completions(self, body: dict, entry: LoggedRequest, first_dist: dict[str, float] | None = None) -> Response:
         if (error := self._check_model(body)) is not None:
             return error
+        if "prompt_embeds" in body:  # the toy model has no embeddings: vLLM without --enable-prompt-embeds
+            return _error(400, "You must set `--enable-prompt-embeds` to input `prompt_embeds`.")
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]

@@ -317,8 +317,9 @@ class Bbt(_BlackBoxTuning):
         p = self.params
         if step == 0:
             initial = await self.score_initial(ctx, examples)
-            geometry = await ctx.evaluator.llm.model_geometry()
+            # The std first: an HTTP backend knows its hidden size once it has read the embedding matrix.
             std = projection_std(p.alpha, await ctx.evaluator.llm.embedding_std(), p.intrinsic_dim, p.sigma)
+            geometry = await ctx.evaluator.llm.model_geometry()
             self.scale = {"geometry": geometry, "std": std}
             self.steps_done = 1
             return StepReport(
