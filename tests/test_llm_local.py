@@ -167,3 +167,16 @@ async def test_token_embedding_matrix(backend: LocalBackend):
     matrix = await backend.token_embedding_matrix()
     assert matrix.shape == (49152, 576)
     assert str(matrix.dtype) == "float32"
+
+
+def test_auto_dtype_is_bf16_only_on_a_cpu_with_native_bf16(tmp_path):
+    from app.llm.local import LocalBackend, resolve_dtype
+    from app.settings import BackendSettings
+
+    native = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n"
+    emulated = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f\n"
+    assert resolve_dtype("auto", native) == "bfloat16"
+    assert resolve_dtype("auto", emulated) == "float32"
+    assert resolve_dtype("float32", native) == "float32" and resolve_dtype("bfloat16", emulated) == "bfloat16"
+    backend = LocalBackend("x", BackendSettings(kind="local", dtype="auto"), tmp_path)
+    assert backend.info.model_id.endswith(":" + backend.dtype) and backend.dtype in ("float32", "bfloat16")

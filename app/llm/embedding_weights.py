@@ -2,7 +2,9 @@
 
 An HTTP backend that takes `prompt_embeds` (vLLM `--enable-prompt-embeds`) has to be sent the embeddings of the
 whole prompt, text included, so the client needs the served model's embedding matrix. It is read once from the
-same weights the server loads (a `.safetensors` file, or a model directory of them); nothing is downloaded.
+same weights the server loads (a `.safetensors` file, a model directory of them, or the server's Hugging Face
+cache entry `hub/models--Org--Name`); nothing is downloaded. Held in memory as float32: vocab x hidden x 4 bytes
+(74 MB for SmolLM2-135M, 2.2 GB for a 7B model with a 152k vocabulary).
 """
 
 from __future__ import annotations
@@ -31,7 +33,15 @@ def _files(path: Path) -> list[Path]:
         files = sorted(path.glob("*.safetensors"))
         if files:
             return files
-    raise EmbeddingWeightsError(f"{path}: not a .safetensors file or a directory holding some")
+        # A Hugging Face cache entry (hub/models--Org--Name), as vLLM leaves it: its newest snapshot.
+        snapshots = sorted((path / "snapshots").glob("*/"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for snapshot in snapshots:
+            files = sorted(snapshot.glob("*.safetensors"))
+            if files:
+                return files
+    raise EmbeddingWeightsError(
+        f"{path}: not a .safetensors file, a directory holding some, or a Hugging Face cache entry with a snapshot"
+    )
 
 
 def load_input_embeddings(path: str | Path, tensor: str | None = None) -> np.ndarray:

@@ -180,6 +180,24 @@ def _register_rowwise_attention() -> None:
         _registered = True
 
 
+# CPU flags of native bf16 arithmetic; without them bf16 is emulated and slower than fp32.
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def resolve_dtype(setting: str, cpuinfo: str | None = None) -> str:
+    """`auto` is bfloat16 on a CPU with native bf16 (about 1.8x the fp32 throughput here, with 97% of label
+    predictions unchanged: bench/bench_bf16.py), else float32; the other values stand."""
+    if setting != "auto":
+        return setting
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    flags = {flag for line in cpuinfo.splitlines() if line.startswith("flags") for flag in line.split()}
+    return "bfloat16" if flags & NATIVE_BF16_FLAGS else "float32"
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9_]+", "-", text.lower()).strip("-")
 
@@ -278,15 +296,16 @@ class LocalBackend:
         self.gguf_path = Path(settings.gguf_path) if settings.gguf_path else default_gguf_path()
         self.model_dir = Path(cache_dir) / _slug(self.gguf_path.stem)
         self.batch_size = settings.batch_size
+        self.dtype = resolve_dtype(settings.dtype)
         self.attn_implementation = attn_implementation
         self.max_batch_tokens = max_batch_tokens
         self._info = BackendInfo(
             name=name,
             kind="local",
-            model_id=f"local:{self.gguf_path.name}:{settings.dtype}",
+            model_id=f"local:{self.gguf_path.name}:{self.dtype}",
             capabilities=CAPABILITIES,
             max_concurrency=settings.batch_size,
-            detail={"gguf": str(self.gguf_path), "dtype": settings.dtype, "batch_size": settings.batch_size},
+            detail={"gguf": str(self.gguf_path), "dtype": self.dtype, "batch_size": settings.batch_size},
         )
         self._executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"local-llm-{name}", initializer=self._init_thread
@@ -537,7 +556,7 @@ class LocalBackend:
             attn = self.attn_implementation
         # Loading straight into bf16 (rather than `.to(torch.bfloat16)` after) keeps the RoPE inverse
         # frequencies in fp32; `.to` would round them too and skew positions of long prompts.
-        dtype = torch.bfloat16 if self.settings.dtype == "bfloat16" else torch.float32
+        dtype = torch.bfloat16 if self.dtype == "bfloat16" else torch.float32
         model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=dtype, attn_implementation=attn)
         model.eval()
         params = inspect.signature(model.forward).parameters

@@ -137,6 +137,13 @@ def rng_from_state(state: dict) -> np.random.Generator:
     return np.random.Generator(bit_generator)
 
 
+def label_task_problems(task: dict[str, Any], needs: str) -> list[tuple[list[str], str]]:
+    """The `check_task` of a method that learns from label log-probs; `needs` says why, in the message."""
+    if task.get("metric") != "label_accuracy" or not task.get("labels"):
+        return [(["metric"], f"{needs}: the task needs metric 'label_accuracy' and labels")]
+    return []
+
+
 class Optimizer(ABC):
     method: ClassVar[str]
     params_model: ClassVar[type[MethodParams]]

@@ -35,6 +35,7 @@ from app.optimizers.base import (
     Optimizer,
     OptimizerContext,
     StepReport,
+    label_task_problems,
     subset_positions,
 )
 from app.optimizers.bbt.cmaes import CmaSearch, CmaSettings
@@ -102,17 +103,6 @@ def loss_and_accuracy(logprobs: list[list[float]], gold: list[int], loss: str) -
     return float(per_example.mean()), accuracy
 
 
-def _label_task_problems(task: dict[str, Any]) -> list[tuple[list[str], str]]:
-    if task.get("metric") != "label_accuracy" or not task.get("labels"):
-        return [
-            (
-                ["metric"],
-                "soft prompts are trained on label log-probs: the task needs metric 'label_accuracy' and labels",
-            )
-        ]
-    return []
-
-
 class _BlackBoxTuning(Optimizer):
     """What BBT and BBTv2 share: the scoring set, losses, candidates with artifacts, COBYLA, selection cadence."""
 
@@ -129,7 +119,7 @@ class _BlackBoxTuning(Optimizer):
 
     @classmethod
     def check_task(cls, task: dict[str, Any]) -> list[tuple[list[str], str]]:
-        return _label_task_problems(task)
+        return label_task_problems(task, "soft prompts are trained on label log-probs")
 
     @classmethod
     def prompt_from_artifact(cls, artifact: dict[str, Any]) -> SoftPrompt:

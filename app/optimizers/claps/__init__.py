@@ -49,6 +49,7 @@ from app.optimizers.base import (
     OptimizerContext,
     StepReport,
     derived_rng,
+    label_task_problems,
     subset_positions,
 )
 from app.optimizers.claps.search import kl_divergence, next_generation, prune, reward_and_accuracy
@@ -128,12 +129,6 @@ _SMALL: dict[str, Any] = {
 }
 
 
-def label_task_problems(task: dict[str, Any]) -> list[tuple[list[str], str]]:
-    if task.get("metric") != "label_accuracy" or not task.get("labels"):
-        return [(["metric"], "ClaPS scores label log-probs: the task needs metric 'label_accuracy' and labels")]
-    return []
-
-
 class Claps(Optimizer):
     """ClaPS: a few vocabulary words as the prompt, searched in a clustered and pruned vocabulary."""
 
@@ -160,7 +155,7 @@ class Claps(Optimizer):
 
     @classmethod
     def check_task(cls, task: dict[str, Any]) -> list[tuple[list[str], str]]:
-        return label_task_problems(task)
+        return label_task_problems(task, "ClaPS scores label log-probs")
 
     # -- steps ------------------------------------------------------------------------------------------
 
