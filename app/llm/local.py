@@ -185,7 +185,7 @@ NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
 def resolve_dtype(setting: str, cpuinfo: str | None = None) -> str:
-    """`auto` is bfloat16 on a CPU with native bf16 (about 1.8x the fp32 throughput here, with 97% of label
+    """`auto` is bfloat16 on a CPU with native bf16 (about 1.8x the fp32 throughput here, with 98% of label
     predictions unchanged: bench/bench_bf16.py), else float32; the other values stand."""
     if setting != "auto":
         return setting
