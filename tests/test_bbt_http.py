@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-async def local_model(tmp_path_factory):
+async def local_model():
     from app.settings import Settings
 
     settings = Settings()

@@ -45,6 +45,8 @@ from app.llm.port import (
     LabelScores,
     OnResult,
     PrefixKind,
+    leading_special_ids,
+    soft_prompt_position,
 )
 from app.settings import BackendSettings
 
@@ -569,12 +571,9 @@ class LocalBackend:
             stop_ids.add(tokenizer.eos_token_id)
         self._stop_ids = frozenset(stop_ids)
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        # Ids the tokenizer puts before every prompt (a BOS for some models, none for SmolLM2): a soft prompt
-        # goes after them, as the openai_compat backend sends it.
-        plain = tokenizer("Hello", add_special_tokens=False).input_ids
-        full = tokenizer("Hello").input_ids
-        cut = len(full) - len(plain)
-        self._special_prefix = full[:cut] if cut > 0 and full[cut:] == plain else []
+        self._special_prefix = leading_special_ids(
+            tokenizer("Hello").input_ids, tokenizer("Hello", add_special_tokens=False).input_ids
+        )
         config = model.config
         self._info.geometry = {
             "hidden_size": int(config.hidden_size),
@@ -692,10 +691,9 @@ class LocalBackend:
 
         embed = self._model.get_input_embeddings()
         dtype = embed.weight.dtype
-        special = self._special_prefix
         rows = []
         for seq, p in zip(ids, prefixes, strict=True):
-            head = len(special) if seq[: len(special)] == special else 0
+            head = soft_prompt_position(seq, self._special_prefix)
             tokens = embed(torch.tensor(seq, dtype=torch.long))
             rows.append(torch.cat([tokens[:head], torch.tensor(p.vectors, dtype=dtype), tokens[head:]]))
         width = max(len(r) for r in rows)

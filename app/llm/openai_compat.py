@@ -52,6 +52,8 @@ from app.llm.port import (
     LabelScores,
     OnResult,
     PrefixKind,
+    leading_special_ids,
+    soft_prompt_position,
 )
 from app.settings import BackendSettings
 
@@ -322,8 +324,7 @@ class OpenAICompatBackend:
         if self._special_prefix is None:
             with_special = await self._tokenize("Hello", add_special_tokens=True, probe=probe, max_retries=max_retries)
             plain = await self._tokenize("Hello", probe=probe, max_retries=max_retries)
-            cut = len(with_special) - len(plain)
-            self._special_prefix = with_special[:cut] if cut > 0 and with_special[cut:] == plain else []
+            self._special_prefix = leading_special_ids(with_special, plain)
         return self._special_prefix
 
     async def _prompt_embeds(
@@ -338,7 +339,7 @@ class OpenAICompatBackend:
                 f"{self.name}: token id {max(ids)} is outside the {matrix.shape[0]}-row embedding_weights: "
                 "they are not the served model's"
             )
-        head = len(special) if ids[: len(special)] == special else 0
+        head = soft_prompt_position(ids, special)
         parts = [matrix[ids[:head]]]
         if prefix is not None:
             if prefix.vectors.shape[1] != matrix.shape[1]:
@@ -358,8 +359,8 @@ class OpenAICompatBackend:
         usage = data.get("usage") or {}
         prompt_tokens = usage.get("prompt_tokens")
         if prompt_tokens is None:
-            prompt_tokens = _estimate_tokens(request.prompt) + (request.prefix.length if request.prefix else 0)
-            prompt_tokens = prompt_tokens if data else 0
+            estimate = _estimate_tokens(request.prompt) + (request.prefix.length if request.prefix else 0)
+            prompt_tokens = estimate if data else 0
         completion_tokens = usage.get("completion_tokens")
         if completion_tokens is None:
             completion_tokens = 1 if data else 0
@@ -464,7 +465,6 @@ class OpenAICompatBackend:
             detail["prompt_embeds"] = embeds
             if embeds == "ok":
                 caps.add(Capability.INPUT_EMBEDDINGS)
-                detail["hidden_size"] = int(self._embeddings.shape[1])
         self._detail = detail
         self._info = self._make_info(frozenset(caps))
         log.info("backend %s: model %s, capabilities %s, %s", self.name, model_id, sorted(caps), detail)
@@ -484,8 +484,6 @@ class OpenAICompatBackend:
             embeds = await self._prompt_embeds(_PROBE_TEXT, None, probe=True, max_retries=retries)
         except (EmbeddingWeightsError, OSError, BackendError) as exc:
             return f"off: {exc}"
-        finally:
-            self._prompt_ids.clear()
         k = min(5, self._max_logprobs)
         as_embeds = await self._probe_completion(self._label_body({"prompt_embeds": embeds}, k), retries)
         if as_embeds is None:

@@ -81,6 +81,19 @@ class ContinuousPrefix:
         return hash(self.digest)
 
 
+def leading_special_ids(with_special: list[int], plain: list[int]) -> list[int]:
+    """The ids a tokenizer puts before every prompt (a BOS for some models, none for SmolLM2), from one text
+    tokenized with and without special tokens."""
+    cut = len(with_special) - len(plain)
+    return with_special[:cut] if cut > 0 and with_special[cut:] == plain else []
+
+
+def soft_prompt_position(ids: list[int], special: list[int]) -> int:
+    """Where an input-layer soft prompt goes in a prompt's ids: after its leading special ids. Both backends
+    place it there, so an artifact means the same on the local runner and on vLLM."""
+    return len(special) if ids[: len(special)] == special else 0
+
+
 @dataclass(frozen=True, slots=True)
 class LabelScoreRequest:
     """Log-prob of the first token of each verbalizer text right after a raw (un-templated) prompt,
