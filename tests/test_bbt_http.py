@@ -209,3 +209,13 @@ def test_embedding_weights_are_found_in_a_file_a_directory_and_a_hub_cache_entry
         load_input_embeddings(model_dir, "missing")
     with pytest.raises(EmbeddingWeightsError, match="not a .safetensors file"):
         load_input_embeddings(tmp_path / "nowhere")
+
+
+def test_soft_prompt_goes_after_a_bos_and_first_otherwise():
+    from app.llm.port import leading_special_ids, soft_prompt_position
+
+    assert leading_special_ids([1, 15, 16], [15, 16]) == [1]  # a tokenizer that adds a BOS
+    assert leading_special_ids([15, 16], [15, 16]) == []  # SmolLM2: none
+    assert leading_special_ids([1, 99], [15, 16]) == []  # not a prefix of the plain ids: nothing assumed
+    assert soft_prompt_position([1, 7, 8], [1]) == 1
+    assert soft_prompt_position([7, 8], [1]) == 0 and soft_prompt_position([7, 8], []) == 0
