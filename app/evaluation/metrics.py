@@ -48,6 +48,93 @@ def numeric(prediction: str, target: str) -> float:
     return float(round(predicted) == round(expected))
 
 
+# --- answer_match: pull the answer out of generated text (as OPRO's evaluation does), then compare ---------------
+
+# A model that goes on to write the next few-shot question: only the text before a line-start "Q:" is its answer.
+_NEXT_QUESTION = re.compile(r"\n\s*Q:")
+# Answer cues; the answer is what follows the last one. "A:" counts only at a line start (an echo of the template's
+# "A:"); inside a line it is more likely an option label.
+_CUE = re.compile(r"(?i:answer\s+is|answer\s*:|####)|^[ \t]*A:", re.MULTILINE)
+# "(B) is the correct answer": the answer is the sentence before it. Used only when no cue above is present.
+_CUE_AHEAD = re.compile(r"\bis\s+the\s+(?:correct\s+|right\s+|final\s+)?answer\b", re.IGNORECASE)
+# "The sorted words are: ...": used only when neither of the above is present.
+_CUE_SECONDARY = re.compile(r"\b(?:is|are):", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n")
+
+_OPTION_TARGET = re.compile(r"\(([A-Za-z])\)|([A-Z])")
+# An option named anywhere: "(B)", "option B", "choice (B)", "B)".
+_OPTION = re.compile(r"\(([A-Za-z])\)|\b(?i:option|choice)\s+\(?([A-Z])\b|(?<![\w(])([A-Z])\)")
+# A bare letter as the answer's first token: "B", "B.", "B, because" — but not the article in "A kite".
+_BARE_OPTION = re.compile(r"[\s*\"'`:]*([A-Z])(?=$|[).,;:!?*\"'\n]|\s+(?:because|since|as)\b)")
+_BOOLEANS = {"true": "false", "false": "true", "valid": "invalid", "invalid": "valid", "yes": "no", "no": "yes"}
+_BRACKETS_ONLY = re.compile(r"[\s()\[\]{}<>]+")
+
+
+def extract_answer(text: str) -> tuple[str, bool]:
+    """The answer part of generated text, and whether a cue marked it (else it is the whole text)."""
+    text = _NEXT_QUESTION.split(text.strip(), maxsplit=1)[0]
+    cues = list(_CUE.finditer(text))
+    if cues:
+        return text[cues[-1].end() :].lstrip(" \t\n:*").rstrip(), True
+    ahead = _CUE_AHEAD.search(text)
+    if ahead:
+        return _SENTENCE_END.split(text[: ahead.start()].strip())[-1].strip(), True
+    secondary = list(_CUE_SECONDARY.finditer(text))
+    if secondary:
+        return text[secondary[-1].end() :].lstrip(" \t\n:*").rstrip(), True
+    return text, False
+
+
+def _decide(found: list[str], cued: bool) -> str | None:
+    # After a cue the first mention is the answer; without one, only an unambiguous text counts.
+    if cued:
+        return found[0] if found else None
+    return found[0] if len(set(found)) == 1 else None
+
+
+def _option(answer: str, cued: bool) -> str | None:
+    found = [m.group(1) for m in [_BARE_OPTION.match(answer)] if m]
+    found += [next(g for g in m.groups() if g) for m in _OPTION.finditer(answer)]
+    return _decide([letter.upper() for letter in found], cued)
+
+
+def _boolean(answer: str, cued: bool, target: str) -> str | None:
+    pair = {target, _BOOLEANS[target]}
+    found = []
+    for m in re.finditer(r"\b(not\s+|n't\s+)?(" + "|".join(pair) + r")\b", answer.lower()):
+        word = m.group(2)
+        # "not valid" is "invalid", "not true" is "false"; a negated yes/no is left as written.
+        found.append(_BOOLEANS[word] if m.group(1) and word not in ("yes", "no") else word)
+    if not cued and found and re.match(r"[\s*\"'`]*(" + "|".join(pair) + r")\b", answer.lower()):
+        return found[0]  # "No, because there is no ..." answers first
+    return _decide(found, cued)
+
+
+def _clean(answer: str) -> str:
+    answer = answer.strip().replace("**", "").split("\n", 1)[0]
+    answer = re.split(r"\.\s", answer, maxsplit=1)[0]
+    return " ".join(answer.strip(" \t\"'`*.:").lower().replace(",", " ").split())
+
+
+def answer_match(prediction: str, target: str) -> float:
+    """Extract the answer from generated text, then compare it with the target by the target's kind:
+    option letter "(A)", yes/no/true/false/valid/invalid, a number (as `numeric`), else normalized text."""
+    target = target.strip()
+    answer, cued = extract_answer(prediction)
+    option = _OPTION_TARGET.fullmatch(target)
+    if option:
+        return float(_option(answer, cued) == (option.group(1) or option.group(2)).upper())
+    key = target.strip(".").lower()
+    if key in _BOOLEANS:
+        return float(_boolean(answer, cued, key) == key)
+    if _NUMBER.fullmatch(target):
+        # `numeric` does its own cue handling (first number after a cue, else the last number).
+        return numeric(_NEXT_QUESTION.split(prediction.strip(), maxsplit=1)[0], target)
+    if _BRACKETS_ONLY.fullmatch(target):  # Dyck completions: ") ] >" and ")]>" are the same answer
+        return float(_clean(answer).replace(" ", "") == target.replace(" ", ""))
+    return float(_clean(answer) == _clean(target))
+
+
 def f1(prediction: str, target: str) -> float:
     pred_tokens, gold_tokens = normalize(prediction).split(), normalize(target).split()
     if not pred_tokens or not gold_tokens:
@@ -65,6 +152,7 @@ METRICS: dict[str, Callable[[str, str], float]] = {
     "label_accuracy": label_accuracy,
     "numeric": numeric,
     "f1": f1,
+    "answer_match": answer_match,
 }
 
 

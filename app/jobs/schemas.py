@@ -12,7 +12,7 @@ from app.evaluation.metrics import METRICS
 from app.evaluation.templates import INPUT_SLOT, PROMPT_SLOT
 from app.optimizers.registry import METHODS
 
-MetricName = Literal["exact_match", "contains", "label_accuracy", "numeric", "f1"]
+MetricName = Literal["exact_match", "contains", "label_accuracy", "numeric", "f1", "answer_match"]
 assert set(MetricName.__args__) == set(METRICS)  # type: ignore[attr-defined]
 
 
