@@ -13,8 +13,8 @@ from fastapi import Depends, Request
 
 from app.auth import tenant_of
 from app.db import Database
-from app.jobs.queue import JobQueue
 from app.llm.registry import BackendRegistry
+from app.queue import JobQueue
 from app.settings import Settings
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -16,15 +17,19 @@ from app.datasets.router import router as datasets_router
 from app.db import Database
 from app.deps import Services
 from app.errors import ServiceError
-from app.jobs.queue import InProcessJobQueue, JobQueue, SaqJobQueue
 from app.jobs.router import router as jobs_router
 from app.jobs.schemas import normalize_job_error
 from app.llm.registry import BackendRegistry
 from app.migrate import upgrade_async
+from app.queue import InProcessJobQueue, JobQueue, SaqJobQueue
 from app.settings import Settings
 from app.system_router import router as system_router
 
 log = logging.getLogger(__name__)
+
+# Runs a worker inside the API process (embedded mode) until cancelled; the entry point supplies it, so the
+# service itself never imports the worker.
+InProcessWorker = Callable[[Services], Awaitable[None]]
 
 
 def error_body(code: str, message: str, details=None) -> dict:
@@ -73,8 +78,10 @@ def create_app(
     embedded: bool = False,
     registry: BackendRegistry | None = None,
     queue: JobQueue | None = None,
+    worker: InProcessWorker | None = None,
 ) -> FastAPI:
-    """`embedded`: API, worker, SQLite and the in-process queue in one process (migrations applied)."""
+    """`embedded`: SQLite with migrations applied and the in-process queue (`workers.embedded` adds the worker).
+    `worker`: started beside the API once its services are up, stopped with it."""
     settings = settings or Settings()
 
     @asynccontextmanager
@@ -91,11 +98,7 @@ def create_app(
         await backends.probe_all()
         services = Services(settings=settings, db=db, queue=job_queue, registry=backends)
         app.state.services = services
-        worker_task = None
-        if embedded:
-            from workers.service import run_worker
-
-            worker_task = asyncio.create_task(run_worker(settings, db, job_queue, backends))
+        worker_task = asyncio.create_task(worker(services)) if worker is not None else None
         try:
             yield
         finally:

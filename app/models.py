@@ -1,8 +1,8 @@
 """Every table, imported in one place for Alembic and for tests."""
 
+from app.cache.models import EvalCacheEntry
 from app.datasets.models import Dataset
 from app.db import Base
 from app.jobs.models import Candidate, CandidateEvaluation, Checkpoint, Job, JobEvent
-from app.llm.models import EvalCacheEntry
 
 __all__ = ["Base", "Candidate", "CandidateEvaluation", "Checkpoint", "Dataset", "EvalCacheEntry", "Job", "JobEvent"]

@@ -20,7 +20,7 @@ from app.evaluation.evaluator import Evaluator
 from app.evaluation.task import Example, Task
 from app.llm.metered import LRU, MeteredLLM
 from app.llm.port import BackendInfo, Capability, Generation, LabelScores
-from app.llm.usage import Budget, Usage
+from app.usage import Budget, Usage
 
 
 class InstantBackend:
@@ -64,13 +64,13 @@ async def _overhead(store_url: str | None, rounds: int, prompts_per_round: int) 
     store = None
     db = None
     if store_url:
+        from app.cache.store import DurableCacheStore
         from app.db import Database
-        from app.llm.cache_store import DurableCacheStore
         from app.migrate import upgrade_async
 
         await upgrade_async(store_url)
         db = Database(store_url)
-        store = DurableCacheStore(db, None)
+        store = DurableCacheStore(db)
     task = dbpedia_task()
     llm = MeteredLLM(InstantBackend(), usage=Usage(), budget=Budget(max_llm_calls=10**9), store=store, lru=LRU(10**6))
     evaluator = Evaluator(task, llm)
@@ -120,8 +120,8 @@ def overhead(args) -> None:
 
 
 def demo(args) -> None:
-    from app.cli import DEMO_TEMPLATE, DEMO_WEAK_PROMPT, demo_job_body
     from bench.jobs import report, run_embedded_job
+    from promptopt.cli import DEMO_TEMPLATE, DEMO_WEAK_PROMPT, demo_job_body
 
     body = demo_job_body(
         dataset="builtin:dbpedia16",

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import httpx
 
-from app.cli import embedded_settings
-from app.main import create_app
 from app.settings import Settings
+from workers.embedded import create_embedded_app, embedded_settings
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
@@ -22,7 +21,7 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 async def run_embedded_job(body: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         settings = embedded_settings(Settings(), Path(tmp) / "bench.db")
-        app = create_app(settings, embedded=True)
+        app = create_embedded_app(settings)
         async with app.router.lifespan_context(app):
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://b") as client:
                 started = time.perf_counter()

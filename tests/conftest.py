@@ -17,10 +17,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from app.db import Database
-from app.jobs.queue import SaqJobQueue
 from app.llm.registry import BackendRegistry
 from app.main import create_app
 from app.migrate import upgrade_async
+from app.queue import SaqJobQueue
 from app.settings import BackendSettings, QueueSettings, Settings
 from tests.fakes.fake_vllm import FakeVLLMServer
 

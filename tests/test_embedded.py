@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import httpx
 
-from app.cli import embedded_settings
-from app.main import create_app
 from tests.conftest import label_job, wait_for_status
+from workers.embedded import create_embedded_app, embedded_settings
 
 
 async def test_embedded_mode_runs_a_job(settings, tmp_path):
     embedded = embedded_settings(settings, tmp_path / "embedded.db")
     assert embedded.database_url.startswith("sqlite+aiosqlite:///")
-    app = create_app(embedded, embedded=True)
+    app = create_embedded_app(embedded)
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://e") as client:
             job_id = (await client.post("/v1/jobs", json=label_job())).json()["id"]

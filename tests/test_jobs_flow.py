@@ -135,8 +135,8 @@ async def test_reconciler_enqueues_committed_but_unqueued(settings, db, app_clie
     """Crash between commit and enqueue: the job row exists, no message was ever sent."""
     from app.datasets.repository import DatasetRepository
     from app.jobs import service
-    from app.jobs.queue import SaqJobQueue
     from app.jobs.schemas import job_create_adapter
+    from app.queue import SaqJobQueue
 
     payload = job_create_adapter().validate_python(label_job())
     async with db.transaction() as session:
@@ -215,7 +215,7 @@ async def test_reconciler_reenqueues_a_dead_lease_once(app_client, settings, db)
     from datetime import timedelta
 
     from app.db import utcnow
-    from app.jobs.queue import SaqJobQueue
+    from app.queue import SaqJobQueue
 
     job_id = (await app_client.post("/v1/jobs", json=label_job(seed=99))).json()["id"]
     async with db.transaction() as session:

@@ -6,7 +6,7 @@ import pytest
 
 from app.llm.metered import LRU, MeteredLLM, cache_key
 from app.llm.port import BackendInfo, Capability, Generation, GenerationRequest, LabelScoreRequest, LabelScores
-from app.llm.usage import Budget, BudgetExhausted, Usage
+from app.usage import Budget, BudgetExhausted, Usage
 
 
 class CountingBackend:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from app.llm.models import EvalCacheEntry
+from app.cache.models import EvalCacheEntry
 from tests.conftest import label_job, running_worker, settings_env, wait_for_status
 
 ROOT = Path(__file__).resolve().parent.parent

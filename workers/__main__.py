@@ -6,8 +6,8 @@ import asyncio
 import logging
 
 from app.db import Database
-from app.jobs.queue import SaqJobQueue
 from app.llm.registry import BackendRegistry
+from app.queue import SaqJobQueue
 from app.settings import Settings
 from workers.service import run_worker
 

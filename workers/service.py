@@ -7,9 +7,9 @@ import os
 import socket
 
 from app.db import Database
-from app.jobs.queue import JobQueue
 from app.jobs.reconciler import run_reconciler
 from app.llm.registry import BackendRegistry
+from app.queue import JobQueue
 from app.settings import Settings
 from workers.runner import JobRunner
 

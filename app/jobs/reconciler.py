@@ -8,8 +8,8 @@ import logging
 
 from app.db import Database
 from app.jobs.models import JobStatus
-from app.jobs.queue import JobQueue
 from app.jobs.repository import JobRepository
+from app.queue import JobQueue
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import utcnow
 from app.jobs.models import Artifact, Candidate, CandidateEvaluation, Checkpoint, Job, JobEvent, JobStatus
-from app.llm.usage import Usage
 from app.pagination import decode_cursor, encode_cursor, newest_first
+from app.usage import Usage
 
 
 class LeaseLost(Exception):

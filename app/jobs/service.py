@@ -10,16 +10,16 @@ from app.datasets.repository import DatasetRepository
 from app.datasets.service import BUILTIN_PREFIX, builtin_task, resolve_examples
 from app.errors import InvalidPayload, NotFound
 from app.evaluation.evaluator import Evaluator, Prompt, prompt_name
-from app.evaluation.splits import SplitSpec
 from app.evaluation.task import Example, Task
+from app.jobs.engine import JobPlan, task_from_spec
 from app.jobs.models import Job, JobStatus
 from app.jobs.repository import JobRepository
 from app.jobs.schemas import JobCreateBase, JobRead, PredictIn, Progress, PromptResult, UsageOut
 from app.llm.metered import PREFIX_CAPABILITY, MeteredLLM
 from app.llm.registry import BackendRegistry
-from app.llm.usage import Budget, Usage
 from app.optimizers.base import instruction_hash
 from app.optimizers.registry import METHODS
+from app.usage import Budget, Usage
 
 DEFAULT_TEMPLATE = "{prompt}\n\n{input}"
 DEFAULT_METRIC = "exact_match"
@@ -83,7 +83,7 @@ async def submit_job(
     spec["task"] = resolved.model_dump(mode="json")
     spec["initial_prompt"] = initial_prompt
 
-    optimizer = METHODS[method](payload.params, payload.seed)  # type: ignore[attr-defined]
+    plan = JobPlan.from_spec({**spec, "method": method}, examples)
     job = Job(
         id=str(uuid.uuid4()),
         tenant=tenant,
@@ -91,7 +91,7 @@ async def submit_job(
         status=JobStatus.QUEUED,
         spec=spec,
         step=0,
-        total_steps=optimizer.total_steps,
+        total_steps=plan.new_optimizer().total_steps,
         llm_calls=0,
         prompt_tokens=0,
         completion_tokens=0,
@@ -103,19 +103,6 @@ async def submit_job(
     await jobs.add(job)
     await jobs.add_event(job.id, "state", {"status": JobStatus.QUEUED.value})
     return job
-
-
-def task_from_spec(spec: dict, examples: list[dict]) -> Task:
-    task = spec["task"]
-    return Task(
-        examples=[Example(ex["input"], ex["target"]) for ex in examples],
-        template=task["template"],
-        metric=task["metric"],
-        labels=task.get("labels"),
-        verbalizer=task.get("verbalizer"),
-        split=SplitSpec(**task["split"]),
-        max_new_tokens=task.get("max_new_tokens") or 64,
-    )
 
 
 def job_read(job: Job, *, with_spec: bool = False) -> JobRead:
@@ -185,7 +172,7 @@ async def prediction_prompt(
     chosen = job.best if body.use == "best" else job.initial
     if chosen is None:
         raise InvalidPayload(["use"], f"job has no {body.use} prompt yet (status {job.status})")
-    task = task_from_spec(job.spec, [])
+    task = task_from_spec(job.spec["task"], [])
     stored = await jobs.artifact(job.id, instruction_hash(chosen["prompt"]))
     if stored is None:
         prediction = PredictionPrompt(chosen["prompt"], task, None)

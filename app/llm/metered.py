@@ -9,11 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Protocol
 
+from app.cache.lru import LRU
+from app.cache.store import CacheStore
 from app.llm.port import (
     BackendInfo,
     Capability,
@@ -25,39 +25,14 @@ from app.llm.port import (
     LLMBackend,
     PrefixKind,
 )
-from app.llm.usage import Budget, Usage
+from app.usage import Budget, Usage
 
-PREFIX_CAPABILITY = {PrefixKind.INPUT: Capability.INPUT_EMBEDDINGS, PrefixKind.DEEP: Capability.DEEP_PROMPT}
-
-
-class CacheStore(Protocol):
-    """Durable side of the evaluation cache (Postgres or SQLite), shared by every worker and job."""
-
-    async def get_many(self, keys: Sequence[str]) -> dict[str, dict]: ...
-
-    def submit(self, key: str | None, model_id: str, value: dict, usage: Usage) -> None:
-        """Queue one answer (key None: not cacheable) and its usage; written in the background, at once."""
-
-    async def flush(self) -> None:
-        """Return once everything submitted so far is durable."""
-
-
-class LRU:
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._data: OrderedDict[str, dict] = OrderedDict()
-
-    def get(self, key: str) -> dict | None:
-        value = self._data.get(key)
-        if value is not None:
-            self._data.move_to_end(key)
-        return value
-
-    def put(self, key: str, value: dict) -> None:
-        self._data[key] = value
-        self._data.move_to_end(key)
-        while len(self._data) > self.capacity:
-            self._data.popitem(last=False)
+PREFIX_CAPABILITY = {
+    PrefixKind.INPUT: Capability.INPUT_EMBEDDINGS,
+    PrefixKind.INPUT_ADD: Capability.INPUT_EMBEDDINGS,
+    PrefixKind.DEEP: Capability.DEEP_PROMPT,
+    PrefixKind.DEEP_ADD: Capability.DEEP_PROMPT,
+}
 
 
 def cache_key(model_id: str, kind: str, request: GenerationRequest | LabelScoreRequest) -> str:
@@ -102,6 +77,10 @@ class MeteredLLM:
     async def kv_statistics(self, prompts: list[str]) -> list[tuple[float, float]]:
         self.require(Capability.DEEP_PROMPT)
         return await self.backend.kv_statistics(prompts)  # type: ignore[attr-defined]
+
+    async def hidden_statistics(self, prompts: list[str]) -> list[float]:
+        self.require(Capability.DEEP_PROMPT)
+        return await self.backend.hidden_statistics(prompts)  # type: ignore[attr-defined]
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         self.require(Capability.GENERATE)

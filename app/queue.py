@@ -59,7 +59,7 @@ class SaqJobQueue:
     async def enqueue(self, job_id: str) -> str:
         await self._connect()
         key = new_queue_key(job_id)
-        # SAQ's defaults suit short web jobs; ours run for hours (ECOSYSTEM.md section 2):
+        # SAQ's defaults suit short web jobs (10 s timeout, no heartbeat, one try); ours run for hours:
         # no timeout, a heartbeat (fed by the runner's background task), retries, long ttl.
         await self.queue.enqueue(
             TASK_NAME,

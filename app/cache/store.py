@@ -1,35 +1,52 @@
-"""Write-behind store for the evaluation cache and per-job usage.
+"""Write-behind store for the evaluation cache, and the usage each answer cost.
 
 Each answered request is submitted at once and written by a background task in small transactions,
 so a worker killed mid-step has already stored (nearly) every answer it got: the next attempt finds
-them in the cache instead of calling the model again.
+them in the cache instead of calling the model again. The usage of the answers in one transaction is
+charged in that same transaction through `charge`, so an answer is stored and paid for together.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.cache.repository import CacheRepository
 from app.db import Database
-from app.jobs.repository import JobRepository
-from app.llm.cache_repository import CacheRepository
-from app.llm.usage import Usage
+from app.usage import Usage
 
 log = logging.getLogger(__name__)
 
+# Adds usage to whoever pays for it, inside the cache write's transaction.
+ChargeUsage = Callable[[AsyncSession, Usage], Awaitable[None]]
+
+
+class CacheStore(Protocol):
+    """Durable side of the evaluation cache (Postgres or SQLite), shared by every worker and job."""
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, dict]: ...
+
+    def submit(self, key: str | None, model_id: str, value: dict, usage: Usage) -> None:
+        """Queue one answer (key None: not cacheable) and its usage; written in the background, at once."""
+
+    async def flush(self) -> None:
+        """Return once everything submitted so far is durable."""
+
 
 class DurableCacheStore:
-    def __init__(self, db: Database, job_id: str | None) -> None:
+    def __init__(self, db: Database, charge: ChargeUsage | None = None) -> None:
         self.db = db
-        self.job_id = job_id
+        self.charge = charge
         self._rows: list[tuple[str, str, dict]] = []
         self._usage = Usage()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task | None = None
-        self._closed = False
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, dict]:
         async with self.db.transaction() as session:
@@ -51,7 +68,6 @@ class DurableCacheStore:
 
     async def aclose(self) -> None:
         await self.flush()
-        self._closed = True
         if self._task is not None:
             self._task.cancel()
 
@@ -71,8 +87,8 @@ class DurableCacheStore:
             try:
                 async with self.db.transaction() as session:
                     await CacheRepository(session).put_many(rows)
-                    if self.job_id is not None and usage != Usage():
-                        await JobRepository(session).charge_usage(self.job_id, usage)
+                    if self.charge is not None and usage != Usage():
+                        await self.charge(session, usage)
                 return
             except Exception:  # the database may be restarting: retry, then give up loudly
                 if attempt == 4:

@@ -28,13 +28,6 @@ DEMO_WEAK_PROMPT = "Say whether the review is positive or negative."
 DEMO_TEMPLATE = "{prompt}\nText: {input}\nTopic:"
 
 
-def embedded_settings(settings: Settings, database: Path | None = None) -> Settings:
-    """Embedded mode: SQLite file, in-process queue; backends as configured (default: the local model)."""
-    database = database or settings.data_dir / "promptopt.db"
-    database.parent.mkdir(parents=True, exist_ok=True)
-    return settings.model_copy(update={"database_url": f"sqlite+aiosqlite:///{database}", "queue_backend": "inprocess"})
-
-
 @cli.command()
 def serve(
     embedded: bool = typer.Option(False, help="API + worker + SQLite + in-process queue in one process."),
@@ -45,12 +38,12 @@ def serve(
     import uvicorn
 
     from app.main import create_app
+    from workers.embedded import create_embedded_app, embedded_settings
 
     settings = Settings()
-    if embedded:
-        settings = embedded_settings(settings)
     logging.basicConfig(level=settings.log_level)
-    uvicorn.run(create_app(settings, embedded=embedded), host=host, port=port)
+    app = create_embedded_app(embedded_settings(settings)) if embedded else create_app(settings)
+    uvicorn.run(app, host=host, port=port)
 
 
 @cli.command()
@@ -133,7 +126,7 @@ def demo_job_body(
     """The demo job, shared with `bench/bench_engine.py demo` so the benchmark measures exactly this."""
     params: dict = {"preset": "small", "steps": steps, "candidates_per_step": candidates}
     if subset:
-        params["score_on_subset"] = subset
+        params["train_subset"] = subset
     return {
         "method": "opro",
         "task": {"dataset": dataset, "template": template},
@@ -155,6 +148,8 @@ def demo(
     initial_prompt: str = typer.Option(DEMO_WEAK_PROMPT, help="Deliberately weak starting instruction."),
 ) -> None:
     """Run OPRO on a bundled task with the local CPU model, embedded (no Postgres/Redis needed)."""
+    from workers.embedded import embedded_settings
+
     settings = Settings()
     data_dir = settings.data_dir / "demo"
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -176,9 +171,9 @@ def demo(
 
 
 async def _run_demo(settings: Settings, body: dict) -> None:
-    from app.main import create_app
+    from workers.embedded import create_embedded_app
 
-    app = create_app(settings, embedded=True)
+    app = create_embedded_app(settings)
     console.print(f"[bold]promptopt demo[/bold]: OPRO on {body['task']['dataset']} with the local model")
     console.print(f"starting from: [italic]{body['initial_prompt']}[/italic]")
     async with app.router.lifespan_context(app):

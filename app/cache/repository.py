@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.llm.models import EvalCacheEntry
+from app.cache.models import EvalCacheEntry
 
 
 class CacheRepository:

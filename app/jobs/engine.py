@@ -1,0 +1,343 @@
+"""The rules of a job, apart from where it runs.
+
+A `JobPlan` is built once from a job's stored spec: the method's optimizer class and validated params, the task,
+the backends, and the budget split into a search part and a reserve for the final test scoring. `JobEngine` runs
+the plan: the optimizer's steps, the choice of the job's best prompt on the dev split after each step (by the
+method's rule: its eligible candidates, its `dev_objective`), and the test scoring of the initial and the best
+prompt at the end. It writes through a `JobSink` and knows nothing of leases, queues or databases: the worker
+(`workers/runner.py`) implements the sink on the job repository, tests with a list.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Protocol
+
+from app.cache.lru import LRU
+from app.cache.store import CacheStore
+from app.evaluation.evaluator import Evaluator, Prompt, PromptScore
+from app.evaluation.splits import SplitSpec
+from app.evaluation.task import Example, Task
+from app.jobs.models import StopReason
+from app.llm.metered import MeteredLLM
+from app.llm.port import LLMBackend
+from app.optimizers.base import CandidateResult, MethodParams, Optimizer, OptimizerContext, StepReport
+from app.optimizers.registry import METHODS
+from app.usage import Budget, BudgetExhausted, Usage
+
+log = logging.getLogger(__name__)
+
+# The best prompt may be longer than the initial one: the test reserve allows this much more instruction per example.
+_RESERVE_EXTRA_PROMPT_TOKENS = 200
+
+
+def task_from_spec(task: dict[str, Any], examples: Sequence[dict[str, str]]) -> Task:
+    """The evaluation task of a stored (resolved) `task` spec."""
+    return Task(
+        examples=[Example(ex["input"], ex["target"]) for ex in examples],
+        template=task["template"],
+        metric=task["metric"],
+        labels=task.get("labels"),
+        verbalizer=task.get("verbalizer"),
+        split=SplitSpec(**task["split"]),
+        max_new_tokens=task.get("max_new_tokens") or 64,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class JobPlan:
+    method: type[Optimizer]
+    params: MethodParams
+    seed: int
+    task: Task
+    initial_prompt: str
+    scorer_backend: str
+    optimizer_backend: str
+    max_llm_calls: int | None = None
+    max_tokens: int | None = None
+    max_seconds: float | None = None
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], examples: Sequence[dict[str, str]]) -> JobPlan:
+        method = METHODS[spec["method"]]
+        caps = spec.get("budget") or {}
+        return cls(
+            method=method,
+            params=method.params_model.model_validate(spec.get("params") or {}),
+            seed=spec.get("seed", 0),
+            task=task_from_spec(spec["task"], examples),
+            initial_prompt=spec["initial_prompt"],
+            scorer_backend=spec["backends"]["scorer"],
+            optimizer_backend=spec["backends"]["optimizer"],
+            max_llm_calls=caps.get("max_llm_calls"),
+            max_tokens=caps.get("max_tokens"),
+            max_seconds=caps.get("max_seconds"),
+        )
+
+    def new_optimizer(self, state: dict[str, Any] | None = None) -> Optimizer:
+        optimizer = self.method(self.params, self.seed)
+        if state is not None:
+            optimizer.load_state_dict(state)
+        return optimizer
+
+    def final_reserve(self, scorer: LLMBackend) -> tuple[int, int]:
+        """(calls, tokens) kept back from the search for scoring the initial and the best prompt on test."""
+        test = self.task.split_examples("test")
+        per_prompt = sum(
+            scorer.count_tokens_upper_bound(self.task.template + ex.input) + self.task.max_new_tokens for ex in test
+        )
+        instruction = scorer.count_tokens_upper_bound(self.initial_prompt) + _RESERVE_EXTRA_PROMPT_TOKENS
+        return 2 * len(test), 2 * per_prompt + len(test) * instruction
+
+    def search_budget(self, scorer: LLMBackend, elapsed_before: float) -> Budget:
+        calls, tokens = self.final_reserve(scorer)
+        return Budget(
+            max_llm_calls=None if self.max_llm_calls is None else max(0, self.max_llm_calls - calls),
+            max_tokens=None if self.max_tokens is None else max(0, self.max_tokens - tokens),
+            max_seconds=self.max_seconds,
+            elapsed_before=elapsed_before,
+        )
+
+    def final_budget(self) -> Budget:
+        # The whole cap: the search stopped short of it by the reserve. No time cap: the result must be scored.
+        return Budget(max_llm_calls=self.max_llm_calls, max_tokens=self.max_tokens)
+
+
+@dataclass(slots=True)
+class SelectedPrompt:
+    """The job's initial or best prompt as the engine chose it."""
+
+    prompt: str  # the text, or a soft prompt's description
+    train_score: float
+    dev_score: float | None
+    step: int
+    # What decided the choice: the method's objective on train (which candidates reach dev) and on dev.
+    train_objective: float | None = None
+    dev_objective: float | None = None
+    test_score: float | None = None
+    artifact: dict[str, Any] | None = None  # soft prompts: what `prompt_from_artifact` rebuilds the prompt from
+
+    def public(self) -> dict[str, Any]:
+        """The fields a job shows as `initial` / `best`."""
+        return {
+            "prompt": self.prompt,
+            "dev_score": self.dev_score,
+            "test_score": self.test_score,
+            "train_score": self.train_score,
+            "step": self.step,
+        }
+
+    def rank(self) -> tuple[float, float]:
+        dev = self.dev_objective if self.dev_objective is not None else self.dev_score
+        train = self.train_objective if self.train_objective is not None else self.train_score
+        return (dev if dev is not None else float("-inf")), train
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any] | None) -> SelectedPrompt | None:
+        if state is None:
+            return None
+        names = cls.__dataclass_fields__.keys()
+        return cls(**{k: v for k, v in state.items() if k in names})
+
+
+@dataclass(slots=True)
+class Selection:
+    initial: SelectedPrompt | None = None
+    best: SelectedPrompt | None = None
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "initial": None if self.initial is None else asdict(self.initial),
+            "best": None if self.best is None else asdict(self.best),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any] | None) -> Selection:
+        state = state or {}
+        return cls(SelectedPrompt.from_state(state.get("initial")), SelectedPrompt.from_state(state.get("best")))
+
+    def entries(self) -> list[SelectedPrompt]:
+        return [e for e in (self.initial, self.best) if e is not None]
+
+
+@dataclass(slots=True)
+class StepRecord:
+    """Everything one finished step leaves behind, written by the sink in one transaction."""
+
+    step: int
+    total_steps: int
+    candidates: list[CandidateResult]
+    # Candidate index -> its dev score, for the candidates scored on dev after this step.
+    dev_scores: dict[int, PromptScore]
+    selection: Selection
+    checkpoint: dict[str, Any]
+    message: str | None
+    usage: Usage
+    elapsed_seconds: float
+
+    def event(self) -> dict[str, Any]:
+        best = self.selection.best
+        return {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "candidates": len(self.candidates),
+            "best_train_score": best.train_score if best else None,
+            "best_dev_score": best.dev_score if best else None,
+            "message": self.message,
+            "usage": self.usage.as_dict(),
+        }
+
+
+class JobSink(Protocol):
+    async def step_done(self, record: StepRecord) -> None:
+        """Persist a finished step: its candidates and dev scores, the selection, the checkpoint, an event."""
+
+    async def test_scored(self, selection: Selection, scores: dict[str, PromptScore]) -> None:
+        """Persist the test scores of the selected prompts (keyed by prompt text or description)."""
+
+
+@dataclass(slots=True)
+class Outcome:
+    stop_reason: StopReason
+    selection: Selection
+
+
+@dataclass(slots=True)
+class _Meters:
+    usage: Usage
+    store: CacheStore | None
+    lru: LRU | None = field(default=None)
+
+    def __call__(self, backend: LLMBackend, budget: Budget) -> MeteredLLM:
+        return MeteredLLM(backend, usage=self.usage, budget=budget, store=self.store, lru=self.lru)
+
+
+class JobEngine:
+    def __init__(
+        self,
+        plan: JobPlan,
+        sink: JobSink,
+        *,
+        scorer: LLMBackend,
+        optimizer_llm: LLMBackend,
+        usage: Usage,
+        store: CacheStore | None = None,
+        lru: LRU | None = None,
+        elapsed_before: float = 0.0,
+        checkpoint: dict[str, Any] | None = None,
+    ) -> None:
+        self.plan = plan
+        self.sink = sink
+        self.usage = usage
+        self.optimizer = plan.new_optimizer(checkpoint["optimizer"] if checkpoint else None)
+        self.selection = Selection.from_state(checkpoint["engine"] if checkpoint else None)
+        self._meter = _Meters(usage, store, lru)
+        self._scorer = scorer
+        self.search_budget = plan.search_budget(scorer, elapsed_before)
+        self.evaluator = Evaluator(plan.task, self._meter(scorer, self.search_budget))
+        self.ctx = OptimizerContext(
+            evaluator=self.evaluator,
+            optimizer_llm=self._meter(optimizer_llm, self.search_budget),
+            initial_prompt=plan.initial_prompt,
+        )
+
+    @property
+    def total_steps(self) -> int:
+        # A method may only know its step count once it has seen the model (BBTv2: one step per layer).
+        return self.optimizer.total_steps
+
+    def elapsed(self) -> float:
+        return self.search_budget.elapsed()
+
+    async def run(self) -> Outcome:
+        """Search until the method is done or a budget runs out, then score the test split. Cancellation and
+        errors propagate to the caller, which owns the job's state."""
+        self.search_budget.start()
+        stop_reason = StopReason.COMPLETED
+        try:
+            while not self.optimizer.done:
+                self.search_budget.check_time()
+                report = await self.optimizer.step(self.ctx)
+                budget_hit, dev_scores = await self._select(report)
+                await self.sink.step_done(self._record(report, dev_scores))
+                if budget_hit:
+                    raise BudgetExhausted("max_llm_calls")
+        except BudgetExhausted as exc:
+            log.info("search stopped: %s", exc)
+            stop_reason = StopReason.BUDGET
+        await self._score_test()
+        return Outcome(stop_reason, self.selection)
+
+    async def _select(self, report: StepReport) -> tuple[bool, dict[int, PromptScore]]:
+        """Model selection on the dev split: the step's leader among the eligible candidates is scored on dev when
+        its train objective could beat the best so far, and becomes the best if its dev objective is higher (ties:
+        train objective). Step 0's leader is the job's initial prompt. Returns (budget ran out, dev scores)."""
+        eligible = [i for i, c in enumerate(report.candidates) if c.eligible]
+        if not eligible or not report.select:
+            return False, {}
+        method = self.plan.method
+        index = (
+            report.leader
+            if report.leader is not None
+            else max(eligible, key=lambda i: method.train_objective(report.candidates[i]))
+        )
+        if index not in eligible:
+            raise ValueError(f"{method.method}: step {report.step} nominated a candidate that is not eligible")
+        leader = report.candidates[index]
+        train_objective = method.train_objective(leader)
+        best = self.selection.best
+        if best is not None and train_objective < best.rank()[1]:
+            return False, {}
+        try:
+            (dev,) = await self.evaluator.score([leader.scoring_prompt or leader.prompt], "dev")
+        except BudgetExhausted:
+            return True, {}
+        entry = SelectedPrompt(
+            prompt=leader.prompt,
+            train_score=leader.score,
+            dev_score=dev.score,
+            step=report.step,
+            train_objective=train_objective,
+            dev_objective=method.dev_objective(dev, self.plan.task, self.plan.task.split_examples("dev")),
+            artifact=leader.artifact,
+        )
+        if self.selection.initial is None:
+            self.selection.initial = replace(entry)
+        if best is None or entry.rank() > best.rank():
+            self.selection.best = entry
+        return False, {index: dev}
+
+    def _record(self, report: StepReport, dev_scores: dict[int, PromptScore]) -> StepRecord:
+        return StepRecord(
+            step=report.step,
+            total_steps=self.total_steps,
+            candidates=report.candidates,
+            dev_scores=dev_scores,
+            selection=self.selection,
+            checkpoint={"optimizer": self.optimizer.state_dict(), "engine": self.selection.to_state()},
+            message=report.message,
+            usage=replace(self.usage),
+            elapsed_seconds=self.elapsed(),
+        )
+
+    async def _score_test(self) -> None:
+        """The test split, scored once, for the initial and the best prompt, from the budget's reserve."""
+        entries = self.selection.entries()
+        if not entries or not self.plan.task.indices("test"):
+            return  # no test split asked for: test scores stay null
+        prompts: dict[str, Prompt] = {}
+        for entry in entries:
+            prompts[entry.prompt] = (
+                self.plan.method.prompt_from_artifact(entry.artifact) if entry.artifact else entry.prompt
+            )
+        self.evaluator.llm = self._meter(self._scorer, self.plan.final_budget())
+        try:
+            scores = {s.prompt: s for s in await self.evaluator.score(list(prompts.values()), "test")}
+        except BudgetExhausted:
+            log.warning("no budget left to score the test split")
+            return
+        for entry in entries:
+            entry.test_score = scores[entry.prompt].score
+        await self.sink.test_scored(self.selection, scores)
