@@ -15,17 +15,17 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from app.cache.store import DurableCacheStore
 from app.evaluation.evaluator import Evaluator
 from app.evaluation.task import Example, Task
-from app.llm.cache_store import DurableCacheStore
 from app.llm.metered import LRU, MeteredLLM
 from app.llm.port import BackendInfo, Capability, LabelScores
-from app.llm.usage import Budget, Usage
 from app.optimizers.base import OptimizerContext, derived_rng
 from app.optimizers.claps import Claps, ClapsParams
 from app.optimizers.claps.search import crossover, mutate, next_generation, prune, reward_and_accuracy
 from app.optimizers.claps.vocab import cluster_representatives, word_start_tokens
 from app.optimizers.registry import METHODS, get_method
+from app.usage import Budget, Usage
 from tests.conftest import label_job
 
 LABELS = ["alpha", "beta", "gamma"]
@@ -178,7 +178,7 @@ def test_cluster_representatives_one_per_cluster() -> None:
 async def test_clustering_distinct_words_and_cached(db) -> None:
     model_id = f"fake-claps-{uuid.uuid4().hex[:8]}"
     backend = FakeScorer(model_id)
-    ctx, _ = make_ctx(backend, store=DurableCacheStore(db, None))
+    ctx, _ = make_ctx(backend, store=DurableCacheStore(db))
     first = Claps(make_params(), 0)
     reports = await run_until(first, ctx, 2)
     assert backend.embedding_calls == 1
@@ -190,7 +190,7 @@ async def test_clustering_distinct_words_and_cached(db) -> None:
 
     # Another job on the same model and settings (new process: empty LRU) reads it from the durable cache.
     other = FakeScorer(model_id)
-    ctx2, _ = make_ctx(other, store=DurableCacheStore(db, None))
+    ctx2, _ = make_ctx(other, store=DurableCacheStore(db))
     second = Claps(make_params(), 5)
     await run_until(second, ctx2, 2)
     assert other.embedding_calls == 0 and second.representatives == reps
@@ -245,7 +245,9 @@ async def test_pruning_keeps_the_right_share(percentile: float, kept: int) -> No
     assert len(scored) == N_CLUSTERS and all(c.details["phase"] == "prune" for c in scored)
     for c in scored:
         (cluster,) = clusters_of(c.prompt)
-        assert c.details["influence"] == pytest.approx(claps.scored[c.prompt][0] - claps.empty["reward"], abs=1e-6)
+        assert c.details["influence"] == pytest.approx(
+            claps.scored[c.prompt].objective - claps.empty["reward"], abs=1e-6
+        )
         assert (c.details["influence"] > 0) == (strength(cluster) > 0)
 
 
@@ -304,7 +306,7 @@ async def test_accuracy_agrees_with_the_evaluator() -> None:
     texts = [INITIAL, ""] + [w.strip() for w in claps.representatives[:6]]
     scores = await ctx.evaluator.score(texts, examples=examples)
     for text, scored in zip(texts, scores, strict=True):
-        assert claps.scored[text][1] == pytest.approx(scored.score)
+        assert claps.scored[text].score == pytest.approx(scored.score)
 
 
 @pytest.mark.parametrize("search", ["greedy", "genetic"])
@@ -318,17 +320,21 @@ async def test_search_beats_the_empty_prompt(search: str) -> None:
     assert best.details["reward"] > empty_reward and best.score > empty_accuracy
     assert len(best.prompt.split()) == 3 and all(c >= 13 for c in clusters_of(best.prompt))
     assert len(claps.history) == claps.search_steps
-    # step 0: the manual prompt alone (the job's baseline); the empty prompt competes from step 1
+    # step 0: the manual prompt alone (the job's baseline); the empty prompt is a reference, never selectable
     assert [c.prompt for c in reports[0].candidates] == [INITIAL] and reports[0].leader == 0
-    assert [(c.prompt, c.score) for c in reports[1].candidates] == [("", empty_accuracy)]
-    for report in reports[1 + 1 + claps.prune_steps :]:
+    assert [(c.prompt, c.score, c.eligible) for c in reports[1].candidates] == [("", empty_accuracy, False)]
+    for report in reports[2 : 2 + claps.prune_steps]:
+        assert report.leader is None and not any(c.eligible for c in report.candidates)
+    for report in reports[2 + claps.prune_steps + (search == "greedy") :]:
+        # every search step offers its best string for selection (greedy's first pick is a pruning word: not)
+        assert report.candidates and report.leader is not None
         for c in report.candidates:
-            assert c.details["phase"] == search and 0.0 <= c.score <= 1.0
+            assert c.details["phase"] == search and c.eligible and 0.0 <= c.score <= 1.0
             assert len(c.prompt.split()) == (3 if search == "genetic" else len(c.prompt.split()))
-        if report.candidates:
-            leader = report.candidates[report.leader]
-            assert leader.score == max(c.score for c in report.candidates)
-    texts = [c.prompt for r in reports for c in r.candidates]
+        leader = report.candidates[report.leader]
+        assert leader.score == max(c.score for c in report.candidates)
+        assert claps.history[report.step - 2 - claps.prune_steps]["prompt"] in [c.prompt for c in report.candidates]
+    texts = [c.prompt for r in reports for c in r.candidates if "first_scored_at" not in c.details]
     assert len(texts) == len(set(texts))  # never scored twice
 
 
@@ -338,7 +344,8 @@ async def test_greedy_first_position_reuses_the_pruning_scores() -> None:
     await run_until(claps, ctx, 2 + claps.prune_steps)
     before = backend.scored
     report = await claps.step(ctx)
-    assert backend.scored == before and report.candidates == []
+    # nothing sent again, and the pruning word it chose is not offered for selection
+    assert backend.scored == before and report.candidates == [] and report.leader is None
     assert clusters_of(claps.history[-1]["prompt"]) == [19]
 
 
@@ -384,7 +391,7 @@ def test_params_defaults_presets_registry() -> None:
     p = ClapsParams()
     assert (p.search, p.n_clusters, p.percentile, p.prune_type, p.prompt_length) == ("greedy", 2000, 90.0, "reward", 5)
     assert (p.population_size, p.n_epochs, p.mutate_frac, p.mutation_prob) == (128, 30, 0.1, 0.1)
-    assert (p.n_mutants, p.n_crossovers, p.kmeans_seed, p.scoring_subset) == (64, 64, 0, None)
+    assert (p.n_mutants, p.n_crossovers, p.kmeans_seed, p.train_subset) == (64, 64, 0, None)
     for bad in ({"search": "pso"}, {"percentile": 100.0}, {"prompt_length": 0}, {"prune_type": "x"}, {"x": 1}):
         with pytest.raises(ValidationError):
             ClapsParams(**bad)

@@ -65,7 +65,7 @@ async def test_plum_job_with_local_model(app_client, worker):
 
 async def test_claps_job_with_local_model(app_client, worker):
     body = label_job(backends={"scorer": "local", "optimizer": "local"}, method="claps", budget={"max_llm_calls": 400})
-    body["params"] = {"preset": "small", "n_clusters": 20, "prompt_length": 2, "scoring_subset": 4}
+    body["params"] = {"preset": "small", "n_clusters": 20, "prompt_length": 2, "train_subset": 4}
     response = await app_client.post("/v1/jobs", json=body)
     assert response.status_code == 202, response.text
     job = await wait_for_status(app_client, response.json()["id"], {"succeeded", "failed"}, wait_s=300)

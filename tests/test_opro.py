@@ -400,9 +400,9 @@ async def test_request_seeds_are_deterministic() -> None:
     assert all(r.deterministic for call in llm_a.calls for r in call)
 
 
-async def test_score_on_subset() -> None:
+async def test_train_subset() -> None:
     ctx, scorer, _ = make_ctx()
-    opro = make_opro(score_on_subset=3)
+    opro = make_opro(train_subset=3)
     await run_steps(opro, ctx, 3)
     assert len(opro.scoring_positions) == 3
     n_train = len(ctx.evaluator.task.split_examples("train"))
@@ -410,16 +410,17 @@ async def test_score_on_subset() -> None:
     assert all(len(call) == 3 * n_prompts for call, n_prompts in zip(scorer.label_calls, [1, 4, 4], strict=True))
     items = {re.search(r"Review: (.*)\n", r.prompt).group(1) for call in scorer.label_calls for r in call}
     assert len(items) == 3
-    assert make_opro(score_on_subset=3).state_dict()["method"]["scoring_positions"] is None
+    assert make_opro(train_subset=3).state_dict()["scoring_positions"] is None
 
     ctx_all, _, _ = make_ctx()
-    whole = make_opro(score_on_subset=100)
+    whole = make_opro(score_on_subset=100)  # the former name still validates (stored job specs use it)
+    assert whole.params.train_subset == 100
     await whole.step(ctx_all)
     assert whole.scoring_positions == list(range(n_train))
 
 
 async def test_state_dict_round_trip() -> None:
-    params = {"exemplar_selection": "current_most_frequent", "score_on_subset": 5}
+    params = {"exemplar_selection": "current_most_frequent", "train_subset": 5}
     ctx, _, _ = make_ctx()
     original = make_opro(**params)
     await run_steps(original, ctx, 2)
@@ -483,7 +484,7 @@ def test_params_defaults_and_bounds() -> None:
     assert (p.steps, p.candidates_per_step, p.exemplars_per_step, p.max_history) == (200, 8, 3, 20)
     assert (p.optimizer_temperature, p.optimizer_max_tokens, p.max_instruction_chars) == (1.0, 512, 500)
     assert p.exemplar_selection == "random" and p.instruction_position == "template"
-    assert p.history_score_threshold == 0.0 and p.forbid_digits is False and p.score_on_subset is None
+    assert p.history_score_threshold == 0.0 and p.forbid_digits is False and p.train_subset is None
     with pytest.raises(ValidationError):
         OproParams(unknown=1)
     with pytest.raises(ValidationError):

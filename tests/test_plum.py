@@ -282,7 +282,7 @@ def test_params_defaults_presets_registry() -> None:
     assert (p.sa_t_max, p.sa_k, p.tabu_size, p.tabu_admit_prob) == (10.0, 5.0, 5, 0.5)
     assert (p.hs_memory, p.hs_segments, p.hs_hmcr, p.hs_par) == (10, 5, 0.4, 0.5)
     assert (p.population_size, p.mutation_prob, p.crossover_tournament_size) == (10, 0.5, 2)
-    assert p.num_offspring > 0 and p.scoring_subset is None
+    assert p.num_offspring > 0 and p.train_subset is None
     for bad in ({"algorithm": "ga"}, {"num_candidates": 0}, {"edits": ["sub"]}, {"hs_hmcr": 1.5}, {"x": 1}):
         with pytest.raises(ValidationError):
             PlumParams(**bad)

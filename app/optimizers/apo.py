@@ -5,7 +5,7 @@ a shared minibatch, show its errors to the optimizer LLM and ask why it failed (
 rewrite that fixes that (the *step*), and add Monte-Carlo paraphrases of each rewrite and of the parent. The
 beam and its successors then compete in a best-arm-identification selection (brute force, UCB, UCB-E,
 successive rejects or successive halving, see `bandits.py`) and the best `beam_size` form the next beam.
-Written from the description in ALGORITHMS.md section 2.
+Method note: docs/methods/apo.md.
 
 Adaptation to this service:
 
@@ -215,7 +215,7 @@ def parse_tagged(text: str, fallback: Literal["whole", "paragraph"] = "paragraph
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Optimizer prompts (described in ALGORITHMS.md 2.3; worded here)
+# Optimizer prompts (the paper's gradient, edit and paraphrase prompts, worded here)
 
 
 def error_block(errors: list[tuple[Example, str]], max_chars: int) -> str:
@@ -504,20 +504,17 @@ class Apo(Optimizer):
 
     # -- the step ---------------------------------------------------------------------------------------
 
-    async def step(self, ctx: OptimizerContext) -> StepReport:
-        if self.done:
-            raise RuntimeError("APO run is already complete")
-        rnd = self.steps_done
-        if rnd == 0:
-            initial = ctx.initial_prompt
-            result, counts = await self.select(ctx, 0, [initial])
-            score = result.means[0]
-            self.beam = [{"instruction": initial, "score": score, "n": counts[0], "step": 0}]
-            self.seen.add(initial)
-            self.steps_done += 1
-            report = CandidateResult(initial, score, 0, {"origin": "initial", "n": counts[0], "in_beam": True})
-            return StepReport(0, [report], message=f"initial prompt scored on {counts[0]} examples")
+    async def initial_step(self, ctx: OptimizerContext) -> StepReport:
+        # Scored by the same selection routine as every later beam, so the scores compare.
+        initial = ctx.initial_prompt
+        result, counts = await self.select(ctx, 0, [initial])
+        score = result.means[0]
+        self.beam = [{"instruction": initial, "score": score, "n": counts[0], "step": 0}]
+        self.seen.add(initial)
+        report = CandidateResult(initial, score, 0, {"origin": "initial", "n": counts[0], "in_beam": True})
+        return StepReport(0, [report], message=f"initial prompt scored on {counts[0]} examples")
 
+    async def search_step(self, ctx: OptimizerContext, rnd: int) -> StepReport:
         parents = [b["instruction"] for b in self.beam]
         expansion = await self.expand(ctx, rnd, parents)
         prompts = parents + [s.instruction for s in expansion.successors]
@@ -541,7 +538,6 @@ class Apo(Optimizer):
             {"instruction": prompts[i], "score": float(result.means[i]), "n": counts[i], "step": rnd}
             for i in result.top
         ]
-        self.steps_done += 1
         st = expansion.stats
         message = (
             f"{len(parents)} parents, {st['errors']} errors, {st['gradients']} gradients, {st['edits']} edits, "

@@ -1,4 +1,4 @@
-"""Best-arm identification for APO's candidate selection (ALGORITHMS.md section 2.4), written as pure functions.
+"""Best-arm identification for APO's candidate selection (docs/methods/apo.md), written as pure functions.
 
 An *arm* is a candidate prompt; *pulling* arms on k examples returns one 0..1 reward per example and arm. The
 caller supplies the pull as an async callback `pull(arms, k) -> rewards`, where `rewards[j]` holds the rewards of

@@ -1,8 +1,14 @@
 """The optimizer contract.
 
-An optimizer is an ask/tell object: `step()` asks for candidates (possibly through the optimizer
-LLM), has them scored by the evaluator, and tells itself the scores. Between steps its whole state,
-RNG included, is `state_dict()` - plain JSON - so a worker can resume it anywhere.
+Every method has one shape: `step(ctx)` runs the next step and returns a `StepReport`. Step 0 is
+`initial_step` (by default: score the initial prompt on the scoring set); every later step is the method's
+`search_step`, which proposes candidates (possibly through the optimizer LLM), has them scored by the
+evaluator and updates the method's search state. Between steps the whole state is `state_dict()` - plain
+JSON - and all randomness comes from generators derived from (job seed, purpose, step), so a worker can
+resume a job anywhere and replay it exactly.
+
+The job engine (`app/jobs/engine.py`) picks the job's best prompt among the candidates a method marks
+eligible, by the method's `dev_objective` on the dev split; docs/methods/ describes each method's rule.
 
 Optimizers import nothing from FastAPI, SQLAlchemy, Redis or SAQ.
 """
@@ -15,9 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
-from app.evaluation.evaluator import Evaluator, Prompt, SoftPrompt
+from app.evaluation.evaluator import Evaluator, Prompt, PromptScore, SoftPrompt
+from app.evaluation.task import Example, Task
 from app.llm.metered import MeteredLLM
 from app.llm.port import Capability
 
@@ -26,6 +33,18 @@ class MethodParams(BaseModel):
     """Base of every method's parameter model: unknown fields are errors."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+def train_subset_field(*former_names: str, default: int | None = None) -> Any:
+    """The one parameter every method uses for "score on a fixed, seeded subset of the train split".
+    `former_names` are the names a method used before, still accepted so stored job specs keep validating."""
+    return Field(
+        default,
+        ge=1,
+        validation_alias=AliasChoices("train_subset", *former_names),
+        description="Score candidates on a fixed, seeded subset of this many training examples "
+        "(None: the whole train split).",
+    )
 
 
 @dataclass(slots=True)
@@ -40,6 +59,26 @@ class CandidateResult:
     # prompt itself, ready to score. Stored only if the candidate becomes the job's best.
     artifact: dict[str, Any] | None = None
     scoring_prompt: SoftPrompt | None = None
+    # False for candidates that are reference points of the search, not its outputs (e.g. ClaPS's pruning
+    # words and the empty prompt): the engine never returns them as the job's best.
+    eligible: bool = True
+
+
+@dataclass(slots=True)
+class ScoredPrompt:
+    """What a method remembers of a prompt it scored: its own objective, the task score, the step."""
+
+    objective: float
+    score: float
+    step: int
+
+    def to_json(self) -> list[float]:
+        return [self.objective, self.score, self.step]
+
+    @classmethod
+    def from_json(cls, value: list[float]) -> ScoredPrompt:
+        objective, score, step = value
+        return cls(float(objective), float(score), int(step))
 
 
 @dataclass(slots=True)
@@ -47,7 +86,8 @@ class StepReport:
     step: int
     candidates: list[CandidateResult]
     message: str | None = None
-    # Index of the candidate the engine should consider for model selection (default: highest score).
+    # Index of the candidate the engine should consider for model selection (default: the eligible candidate
+    # with the highest score). Must point at an eligible candidate.
     leader: int | None = None
     # False: no model selection after this step (a method that selects on dev only every so often).
     select: bool = True
@@ -123,20 +163,6 @@ def subset_positions(n: int, size: int | None, seed: int, *keys: int) -> list[in
     return sorted(int(i) for i in picked)
 
 
-def new_rng(seed: int) -> np.random.Generator:
-    return np.random.Generator(np.random.PCG64(seed))
-
-
-def rng_state(rng: np.random.Generator) -> dict:
-    return rng.bit_generator.state
-
-
-def rng_from_state(state: dict) -> np.random.Generator:
-    bit_generator = np.random.PCG64()
-    bit_generator.state = state
-    return np.random.Generator(bit_generator)
-
-
 def label_task_problems(task: dict[str, Any], needs: str) -> list[tuple[list[str], str]]:
     """The `check_task` of a method that learns from label log-probs; `needs` says why, in the message."""
     if task.get("metric") != "label_accuracy" or not task.get("labels"):
@@ -152,12 +178,16 @@ class Optimizer(ABC):
     optimizer_needs: ClassVar[frozenset[Capability]] = frozenset()
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
+    # Purpose key of the seeded scoring subset (`train_subset`), one per method so methods draw different subsets.
+    subset_purpose: ClassVar[int] = 0
+
     def __init__(self, params: MethodParams, seed: int) -> None:
         self.params = params
         self.seed = seed
-        self.rng = new_rng(seed)
         # Steps completed so far; step 0 scores the initial prompt.
         self.steps_done = 0
+        # Positions inside the train split that form the scoring set (None: not chosen yet).
+        self.scoring_positions: list[int] | None = None
 
     @classmethod
     def prompt_from_artifact(cls, artifact: dict[str, Any]) -> Prompt:
@@ -174,13 +204,62 @@ class Optimizer(ABC):
     def total_steps(self) -> int:
         """Search steps after the initial one, for progress reporting."""
 
+    @classmethod
+    def expected_calls(cls, params: MethodParams, n_train: int, n_dev: int) -> int:
+        """About how many LLM calls a run with `params` makes on a task with these split sizes, search and dev
+        selection included (the final test scoring is reserved apart). An estimate for budgeting, not a cap."""
+        raise NotImplementedError
+
+    @classmethod
+    def train_objective(cls, candidate: CandidateResult) -> float:
+        """The number a candidate leads its step by on the scoring set (higher wins); by default its score."""
+        return candidate.score
+
+    @classmethod
+    def dev_objective(cls, score: PromptScore, task: Task, examples: list[Example]) -> float:
+        """The number that decides, on the dev split, whether a candidate becomes the job's best (higher wins).
+        By default the task's metric; a method that searches on another objective selects on that one."""
+        return score.score
+
     @property
     def done(self) -> bool:
         return self.steps_done > self.total_steps
 
-    @abstractmethod
     async def step(self, ctx: OptimizerContext) -> StepReport:
         """Run one step (step index = self.steps_done) and advance."""
+        if self.done:
+            raise RuntimeError(f"{self.method}: the run is already complete")
+        step = self.steps_done
+        report = await (self.initial_step(ctx) if step == 0 else self.search_step(ctx, step))
+        self.steps_done += 1
+        return report
+
+    async def initial_step(self, ctx: OptimizerContext) -> StepReport:
+        """Step 0: the initial prompt scored on the scoring set (the engine takes it as the job's initial)."""
+        examples = self.scoring_examples(ctx)
+        results = await self.score_prompts(ctx, [ctx.initial_prompt], 0, examples)
+        for result in results:
+            result.details["origin"] = "initial"
+        return StepReport(0, results, message=f"initial prompt scored on {len(examples)} examples")
+
+    async def score_prompts(
+        self, ctx: OptimizerContext, prompts: list[str], step: int, examples: list[Example]
+    ) -> list[CandidateResult]:
+        """Score prompts on `examples` in one batch and remember them; the new ones come back as candidates.
+        Needed by the default `initial_step`."""
+        raise NotImplementedError(f"{self.method} scores its initial prompt in its own initial_step")
+
+    @abstractmethod
+    async def search_step(self, ctx: OptimizerContext, step: int) -> StepReport:
+        """One step of the search (step >= 1)."""
+
+    def scoring_examples(self, ctx: OptimizerContext) -> list[Example]:
+        """The scoring set: the train split, or a fixed seeded subset of `params.train_subset` examples."""
+        train = ctx.evaluator.task.split_examples("train")
+        if self.scoring_positions is None:
+            size = getattr(self.params, "train_subset", None)
+            self.scoring_positions = subset_positions(len(train), size, self.seed, self.subset_purpose)
+        return [train[i] for i in self.scoring_positions]
 
     @abstractmethod
     def _state(self) -> dict[str, Any]: ...
@@ -189,9 +268,11 @@ class Optimizer(ABC):
     def _load_state(self, state: dict[str, Any]) -> None: ...
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps_done": self.steps_done, "rng": rng_state(self.rng), "method": self._state()}
+        return {"steps_done": self.steps_done, "scoring_positions": self.scoring_positions, "method": self._state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps_done = state["steps_done"]
-        self.rng = rng_from_state(state["rng"])
+        # Checkpoints written before the scoring set moved into the base class kept it in the method's state.
+        positions = state.get("scoring_positions", state["method"].get("scoring_positions"))
+        self.scoring_positions = None if positions is None else [int(p) for p in positions]
         self._load_state(state["method"])

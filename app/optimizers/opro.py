@@ -3,7 +3,7 @@
 An optimizer LLM reads a meta-prompt listing earlier instructions with their training scores (ascending,
 best last) plus a few example problems with an `<INS>` placeholder where the instruction goes, and proposes
 new instructions. Survivors of the de-duplication and sanity filters are scored by the evaluator and join
-the trajectory. Written from the description in ALGORITHMS.md section 1.
+the trajectory. Method note: docs/methods/opro.md.
 
 Adaptation to this service:
 
@@ -38,6 +38,7 @@ from app.optimizers.base import (
     derived_rng,
     derived_seed,
     instruction_hash,
+    train_subset_field,
 )
 
 ExemplarSelection = Literal["random", "constant", "accumulative_most_frequent", "current_most_frequent"]
@@ -49,7 +50,6 @@ INS_CLOSE = "</INS>"
 # Purpose tags mixed into the derived seeds so the different random streams never coincide.
 _SEED_EXEMPLARS = 1
 _SEED_REQUEST = 2
-_SEED_SUBSET = 3
 _SEED_CONSTANT = 4
 
 _RAW_DETAIL_CHARS = 300
@@ -96,12 +96,7 @@ class OproParams(MethodParams):
             "always scored with the task's own template."
         ),
     )
-    score_on_subset: int | None = Field(
-        None,
-        ge=1,
-        description="Score candidates on a fixed, seeded subset of this many training examples "
-        "(None: the whole train split).",
-    )
+    train_subset: int | None = train_subset_field("score_on_subset")
 
 
 _PAPER = {
@@ -301,6 +296,7 @@ class Opro(Optimizer):
     scorer_needs: ClassVar[frozenset[Capability]] = frozenset()
     optimizer_needs: ClassVar[frozenset[Capability]] = frozenset({Capability.GENERATE})
     presets: ClassVar[dict[str, dict[str, Any]]] = {"paper": _PAPER, "small": _SMALL}
+    subset_purpose: ClassVar[int] = 3
 
     params: OproParams
 
@@ -312,8 +308,6 @@ class Opro(Optimizer):
         self.seen = SeenInstructions()
         # Per scoring-set position: how many scored instructions did not get it fully right.
         self.failures: list[int] = []
-        # Positions inside the train split that form the scoring set (None: not chosen yet).
-        self.scoring_positions: list[int] | None = None
 
     @property
     def total_steps(self) -> int:
@@ -326,15 +320,12 @@ class Opro(Optimizer):
             "history": [dict(h) for h in self.history],
             "seen": self.seen.to_list(),
             "failures": list(self.failures),
-            "scoring_positions": None if self.scoring_positions is None else list(self.scoring_positions),
         }
 
     def _load_state(self, state: dict[str, Any]) -> None:
         self.history = [dict(h) for h in state["history"]]
         self.seen = SeenInstructions(state["seen"])
         self.failures = [int(x) for x in state["failures"]]
-        positions = state["scoring_positions"]
-        self.scoring_positions = None if positions is None else [int(p) for p in positions]
 
     # -- results ----------------------------------------------------------------------------------------
 
@@ -349,19 +340,6 @@ class Opro(Optimizer):
         return CandidateResult(top["instruction"], top["score"], top["step"])
 
     # -- helpers ----------------------------------------------------------------------------------------
-
-    def _choose_scoring_positions(self, n_train: int) -> list[int]:
-        size = self.params.score_on_subset
-        if size is None or size >= n_train:
-            return list(range(n_train))
-        picked = derived_rng(self.seed, _SEED_SUBSET).choice(n_train, size=size, replace=False)
-        return sorted(int(i) for i in picked)
-
-    def scoring_examples(self, ctx: OptimizerContext) -> list[Example]:
-        train = ctx.evaluator.task.split_examples("train")
-        if self.scoring_positions is None:
-            self.scoring_positions = self._choose_scoring_positions(len(train))
-        return [train[i] for i in self.scoring_positions]
 
     def select_exemplars(self, step: int, n_examples: int) -> list[int]:
         """Positions (in the scoring set) of the exemplars shown at `step`."""
@@ -413,7 +391,7 @@ class Opro(Optimizer):
             for i in indices
         ]
 
-    async def _record(
+    async def score_prompts(
         self, ctx: OptimizerContext, instructions: list[str], step: int, examples: list[Example]
     ) -> list[CandidateResult]:
         """Score `instructions` in one evaluator call and append them to the history."""
@@ -436,18 +414,13 @@ class Opro(Optimizer):
 
     # -- the step ---------------------------------------------------------------------------------------
 
-    async def step(self, ctx: OptimizerContext) -> StepReport:
-        if self.done:
-            raise RuntimeError("OPRO run is already complete")
-        step = self.steps_done
-        examples = self.scoring_examples(ctx)
-        if step == 0:
-            initial = ctx.initial_prompt
-            results = await self._record(ctx, [initial], 0, examples)
-            self.seen.add(polish(initial))
-            self.steps_done += 1
-            return StepReport(0, results, message=f"initial prompt scored on {len(examples)} examples")
+    async def initial_step(self, ctx: OptimizerContext) -> StepReport:
+        report = await super().initial_step(ctx)
+        self.seen.add(polish(ctx.initial_prompt))
+        return report
 
+    async def search_step(self, ctx: OptimizerContext, step: int) -> StepReport:
+        examples = self.scoring_examples(ctx)
         prompt, picks = self.meta_prompt(ctx, step)
         wanted = self.params.candidates_per_step
         raw: list[tuple[str, str]] = []  # (raw text, parsed instruction) for every non-empty parse
@@ -478,10 +451,9 @@ class Opro(Optimizer):
             survivors.append(instruction)
             raw_of[instruction] = text
 
-        results = await self._record(ctx, survivors, step, examples) if survivors else []
+        results = await self.score_prompts(ctx, survivors, step, examples) if survivors else []
         for result in results:
             result.details = {"raw": raw_of[result.prompt][:_RAW_DETAIL_CHARS], "exemplars": picks}
-        self.steps_done += 1
         dropped = ", ".join(f"{n} {why}" for why, n in sorted(reasons.items()))
         message = f"{len(raw)} proposals, {len(survivors)} new" + (f"; dropped {dropped}" if dropped else "")
         return StepReport(step, results, message=message)

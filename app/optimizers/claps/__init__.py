@@ -1,5 +1,5 @@
 """ClaPS - Clustering and Pruning for Efficient Black-box Prompt Search (Zhou et al., Findings of EMNLP 2023,
-arXiv 2310.12774). Written from the description in ALGORITHMS.md section 5.
+arXiv 2310.12774). Method note: docs/methods/claps.md.
 
 The prompt is a short string of vocabulary words placed in the template's `{prompt}` slot (in place of the manual
 prompt, which stays the baseline). Three phases, one checkpoint per step:
@@ -24,12 +24,13 @@ Adaptation to this service:
   scoring set (the train split or a seeded subset). It drives pruning and search (ties: accuracy); a candidate's
   reported score is its train accuracy (computed from the same log-probs with the evaluator's argmax rule) and
   the reward is in `details["reward"]`. A string already scored is never scored again.
-* Final pick: the engine scores each step's leader (highest train accuracy, ties by reward) on the dev split and
-  keeps the best, as the paper picks among its recorded candidates on validation.
+* Final pick: only the search phase's strings (greedy or genetic) are eligible to become the job's best; the
+  engine scores each search step's leader (highest train accuracy, ties by reward) on the dev split and keeps
+  it when it beats the best so far (the manual prompt to begin with), as the paper picks among its searched
+  prompts on validation. Pruning words and the empty prompt are reported as candidates but never returned.
 * Step 0 scores the manual prompt (the baseline) and the empty prompt (the reference of the influence score);
-  the empty prompt is reported as a candidate of step 1, so it competes in the dev selection without becoming the
-  job's "initial" prompt. All randomness comes from generators seeded with (job seed, purpose, step), so a
-  resumed run equals an uninterrupted one.
+  the empty prompt is reported as a candidate of step 1. All randomness comes from generators seeded with
+  (job seed, purpose, step), so a resumed run equals an uninterrupted one. Method notes: docs/methods/claps.md.
 """
 
 from __future__ import annotations
@@ -47,10 +48,11 @@ from app.optimizers.base import (
     MethodParams,
     Optimizer,
     OptimizerContext,
+    ScoredPrompt,
     StepReport,
     derived_rng,
     label_task_problems,
-    subset_positions,
+    train_subset_field,
 )
 from app.optimizers.claps.search import kl_divergence, next_generation, prune, reward_and_accuracy
 from app.optimizers.claps.vocab import cluster_representatives, prompt_text, word_start_tokens
@@ -59,7 +61,6 @@ Search = Literal["greedy", "genetic"]
 PruneType = Literal["reward", "kl"]
 
 # Purpose tags of the derived generators.
-_SEED_SUBSET = 501
 _SEED_POPULATION = 502
 _SEED_GENERATION = 503
 
@@ -91,9 +92,7 @@ class ClapsParams(MethodParams):
     mutation_prob: float = Field(0.1, ge=0.0, le=1.0, description="Genetic: chance each token of a mutant changes.")
     n_mutants: int = Field(64, ge=0, le=4096, description="Genetic: mutants per epoch.")
     n_crossovers: int = Field(64, ge=0, le=4096, description="Genetic: uniform-crossover children per epoch.")
-    scoring_subset: int | None = Field(
-        None, ge=1, description="Score on a fixed, seeded subset of this many training examples (None: all)."
-    )
+    train_subset: int | None = train_subset_field("scoring_subset")
     kmeans_seed: int = Field(0, ge=0, le=2**31 - 1, description="random_state of the k-means (the paper uses 0).")
 
 
@@ -125,7 +124,7 @@ _SMALL: dict[str, Any] = {
     "mutation_prob": 0.3,
     "n_mutants": 8,
     "n_crossovers": 8,
-    "scoring_subset": 24,
+    "train_subset": 24,
 }
 
 
@@ -137,12 +136,12 @@ class Claps(Optimizer):
     scorer_needs: ClassVar[frozenset[Capability]] = frozenset({Capability.LABEL_LOGPROBS})
     optimizer_needs: ClassVar[frozenset[Capability]] = frozenset()
     presets: ClassVar[dict[str, dict[str, Any]]] = {"paper": _PAPER, "small": _SMALL}
+    subset_purpose: ClassVar[int] = 501
 
     params: ClapsParams
 
     def __init__(self, params: ClapsParams, seed: int) -> None:
         super().__init__(params, seed)
-        self.scoring_positions: list[int] | None = None
         self.empty: dict[str, Any] | None = None  # reward, accuracy, logprobs of the empty prompt
         self.vocabulary: dict[str, Any] | None = None  # source, size of the clustered vocabulary
         self.representatives: list[str] | None = None  # pieces (" word"), one per cluster
@@ -151,7 +150,7 @@ class Claps(Optimizer):
         self.tokens: list[int] = []  # greedy: the string so far (indices into `pruned`)
         self.population: list[list[int]] | None = None  # genetic: the population to score next
         self.history: list[dict[str, Any]] = []  # best string after each search step
-        self.scored: dict[str, list[float]] = {}  # prompt text -> [reward, accuracy, step first scored]
+        self.scored: dict[str, ScoredPrompt] = {}  # prompt text -> reward (objective), accuracy, step first scored
 
     @classmethod
     def check_task(cls, task: dict[str, Any]) -> list[tuple[list[str], str]]:
@@ -175,7 +174,6 @@ class Claps(Optimizer):
 
     def _state(self) -> dict[str, Any]:
         return {
-            "scoring_positions": self.scoring_positions,
             "empty": self.empty,
             "vocabulary": self.vocabulary,
             "representatives": self.representatives,
@@ -184,11 +182,10 @@ class Claps(Optimizer):
             "tokens": list(self.tokens),
             "population": self.population,
             "history": [dict(h) for h in self.history],
-            "scored": {k: list(v) for k, v in self.scored.items()},
+            "scored": {k: v.to_json() for k, v in self.scored.items()},
         }
 
     def _load_state(self, state: dict[str, Any]) -> None:
-        self.scoring_positions = state["scoring_positions"]
         self.empty = state["empty"]
         self.vocabulary = state["vocabulary"]
         self.representatives = state["representatives"]
@@ -197,15 +194,9 @@ class Claps(Optimizer):
         self.tokens = [int(t) for t in state["tokens"]]
         self.population = state["population"]
         self.history = [dict(h) for h in state["history"]]
-        self.scored = {k: list(v) for k, v in state["scored"].items()}
+        self.scored = {k: ScoredPrompt.from_json(v) for k, v in state["scored"].items()}
 
     # -- helpers ----------------------------------------------------------------------------------------
-
-    def scoring_examples(self, ctx: OptimizerContext) -> list[Example]:
-        train = ctx.evaluator.task.split_examples("train")
-        if self.scoring_positions is None:
-            self.scoring_positions = subset_positions(len(train), self.params.scoring_subset, self.seed, _SEED_SUBSET)
-        return [train[i] for i in self.scoring_positions]
 
     @staticmethod
     def gold(ctx: OptimizerContext, examples: list[Example]) -> list[int]:
@@ -235,22 +226,24 @@ class Claps(Optimizer):
             if text in self.scored:
                 continue
             reward, accuracy = reward_and_accuracy(logprobs, gold)
-            self.scored[text] = [reward, accuracy, step]
-            results.append(CandidateResult(text, accuracy, step, {"reward": round(reward, 6), "phase": phase}))
+            self.scored[text] = ScoredPrompt(reward, accuracy, step)
+            # Only the search's own strings may become the job's best; the rest are reference points.
+            eligible = phase in ("greedy", "genetic")
+            details = {"reward": round(reward, 6), "phase": phase}
+            results.append(CandidateResult(text, accuracy, step, details, eligible=eligible))
         return dict(zip(unique, per_prompt, strict=True)), results
 
     def rank_key(self, text: str) -> tuple[float, float]:
-        reward, accuracy, _ = self.scored[text]
-        return reward, accuracy
+        scored = self.scored[text]
+        return scored.objective, scored.score
 
     def report(self, step: int, candidates: list[CandidateResult], message: str) -> StepReport:
-        """The leader (for dev selection) is the candidate with the highest train accuracy, ties by reward."""
+        """The leader (for dev selection) is the eligible candidate with the highest train accuracy, ties by
+        reward."""
+        eligible = [i for i, c in enumerate(candidates) if c.eligible]
         leader = None
-        if candidates:
-            leader = max(
-                range(len(candidates)), key=lambda i: (candidates[i].score, self.scored[candidates[i].prompt][0])
-            )
-        self.steps_done += 1
+        if eligible:
+            leader = max(eligible, key=lambda i: (candidates[i].score, self.scored[candidates[i].prompt].objective))
         return StepReport(step, candidates, message=message, leader=leader)
 
     def best(self) -> CandidateResult | None:
@@ -262,12 +255,7 @@ class Claps(Optimizer):
 
     # -- the step ---------------------------------------------------------------------------------------
 
-    async def step(self, ctx: OptimizerContext) -> StepReport:
-        if self.done:
-            raise RuntimeError("ClaPS run is already complete")
-        step = self.steps_done
-        if step == 0:
-            return await self._initial(ctx)
+    async def search_step(self, ctx: OptimizerContext, step: int) -> StepReport:
         if step == 1:
             return await self._cluster(ctx)
         if step < 2 + self.prune_steps:
@@ -276,7 +264,7 @@ class Claps(Optimizer):
             return await self._greedy(ctx, step, step - 2 - self.prune_steps)
         return await self._genetic(ctx, step, step - 2 - self.prune_steps)
 
-    async def _initial(self, ctx: OptimizerContext) -> StepReport:
+    async def initial_step(self, ctx: OptimizerContext) -> StepReport:
         problems = self.check_task({"metric": ctx.evaluator.task.metric, "labels": ctx.evaluator.task.labels})
         if problems:
             raise ValueError(problems[0][1])
@@ -284,12 +272,14 @@ class Claps(Optimizer):
             raise ValueError("ClaPS needs a scorer backend with label log-probs")
         examples = self.scoring_examples(ctx)
         logprobs, results = await self.evaluate(ctx, [ctx.initial_prompt, ""], 0, examples, "baseline")
-        reward, accuracy, _ = self.scored[""]
-        self.empty = {"reward": reward, "accuracy": accuracy, "logprobs": logprobs[""]}
+        empty = self.scored[""]
+        self.empty = {"reward": empty.objective, "accuracy": empty.score, "logprobs": logprobs[""]}
+        reward, accuracy = empty.objective, empty.score
         # The manual prompt alone: the engine takes step 0's leader as the job's initial prompt.
         initial = [r for r in results if r.prompt == ctx.initial_prompt]
         for r in initial:
             r.details["origin"] = "initial"
+            r.eligible = True
         message = (
             f"manual and empty prompts scored on {len(examples)} examples "
             f"(empty: reward {reward:.4f}, accuracy {accuracy:.3f})"
@@ -326,6 +316,7 @@ class Claps(Optimizer):
             self.empty["accuracy"],
             1,
             {"reward": round(self.empty["reward"], 6), "phase": "baseline", "origin": "empty"},
+            eligible=False,
         )
         return self.report(1, [empty] if ctx.initial_prompt else [], message)
 
@@ -339,7 +330,7 @@ class Claps(Optimizer):
         logprobs, results = await self.evaluate(ctx, texts, step, examples, "prune")
         for i, text in zip(indices, texts, strict=True):
             if p.prune_type == "reward":
-                self.influence[i] = self.scored[text][0] - self.empty["reward"]
+                self.influence[i] = self.scored[text].objective - self.empty["reward"]
             else:
                 self.influence[i] = kl_divergence(logprobs[text], self.empty["logprobs"])
         influence_of = {text: self.influence[i] for i, text in zip(indices, texts, strict=True)}
@@ -355,10 +346,17 @@ class Claps(Optimizer):
             )
         return self.report(step, results, message)
 
-    def _record(self, step: int, text: str) -> dict[str, Any]:
-        reward, accuracy, _ = self.scored[text]
-        entry = {"step": step, "prompt": text, "reward": reward, "accuracy": accuracy}
+    def _record(self, step: int, text: str, results: list[CandidateResult], phase: str) -> dict[str, Any]:
+        """Keep the step's best string in the history. A best string first scored at an earlier search step (a
+        genetic elite) is reported again as this step's output, so the engine can select it; one first scored
+        while pruning (greedy's first position picks a pruning word) is not: pruning words are never returned."""
+        scored = self.scored[text]
+        entry = {"step": step, "prompt": text, "reward": scored.objective, "accuracy": scored.score}
         self.history.append(entry)
+        searched = scored.step >= 2 + self.prune_steps
+        if searched and all(r.prompt != text for r in results):
+            details = {"reward": round(scored.objective, 6), "phase": phase, "first_scored_at": scored.step}
+            results.append(CandidateResult(text, scored.score, step, details))
         return entry
 
     async def _greedy(self, ctx: OptimizerContext, step: int, position: int) -> StepReport:
@@ -369,9 +367,10 @@ class Claps(Optimizer):
         _, results = await self.evaluate(ctx, [t for t in texts if t not in self.scored], step, examples, "greedy")
         best = max(range(len(strings)), key=lambda t: (*self.rank_key(texts[t]), -t))
         self.tokens = strings[best]
-        entry = self._record(step, texts[best])
+        new = len(results)
+        entry = self._record(step, texts[best], results, "greedy")
         message = (
-            f"greedy position {position + 1}/{self.params.prompt_length}: {len(results)} new strings; "
+            f"greedy position {position + 1}/{self.params.prompt_length}: {new} new strings; "
             f"best {entry['prompt']!r} reward {entry['reward']:.4f} accuracy {entry['accuracy']:.3f}"
         )
         return self.report(step, results, message)
@@ -392,11 +391,12 @@ class Claps(Optimizer):
         ranked = sorted(range(len(order)), key=lambda i: (*(-v for v in self.rank_key(order[i])), i))
         n_parents = min(len(ranked), max(2, int(p.mutate_frac * p.population_size)))
         parents = [members[order[i]] for i in ranked[:n_parents]]
-        entry = self._record(step, order[ranked[0]])
+        new = len(results)
+        entry = self._record(step, order[ranked[0]], results, "genetic")
         rng = derived_rng(self.seed, _SEED_GENERATION, epoch)
         self.population = next_generation(parents, n_tokens, p.n_mutants, p.n_crossovers, p.mutation_prob, rng)
         message = (
-            f"genetic epoch {epoch + 1}/{p.n_epochs}: {len(members)} strings, {len(results)} new; "
+            f"genetic epoch {epoch + 1}/{p.n_epochs}: {len(members)} strings, {new} new; "
             f"best {entry['prompt']!r} reward {entry['reward']:.4f} accuracy {entry['accuracy']:.3f}"
         )
         return self.report(step, results, message)

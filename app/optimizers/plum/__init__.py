@@ -2,7 +2,7 @@
 
 Six metaheuristics (hill climbing, simulated annealing, GA with mutation only, GA with crossover, tabu
 search, harmony search) over phrase-level edits of the instruction (delete, swap, paraphrase, re-add).
-Written from the description in ALGORITHMS.md section 3.
+Method note: docs/methods/plum.md.
 
 Adaptation to this service:
 
@@ -31,16 +31,15 @@ from app.optimizers.base import (
     MethodParams,
     Optimizer,
     OptimizerContext,
+    ScoredPrompt,
     StepReport,
     instruction_hash,
-    subset_positions,
+    train_subset_field,
 )
 from app.optimizers.plum.edits import ALL_OPS, Cand, EditOp, Editor, llm_paraphraser
 from app.optimizers.plum.searches import Search, make_search
 
 Algorithm = Literal["hill_climbing", "simulated_annealing", "genetic", "genetic_crossover", "tabu", "harmony"]
-
-_SEED_SUBSET = 301
 
 
 class PlumParams(MethodParams):
@@ -76,9 +75,7 @@ class PlumParams(MethodParams):
     # paraphrase requests
     paraphrase_temperature: float = Field(1.0, ge=0.0, le=2.0, description="Paraphrase sampling temperature.")
     paraphrase_max_tokens: int = Field(60, ge=4, le=1024, description="Max new tokens per paraphrase.")
-    scoring_subset: int | None = Field(
-        None, ge=1, description="Score on a fixed, seeded subset of this many training examples (None: all)."
-    )
+    train_subset: int | None = train_subset_field("scoring_subset")
 
 
 _PAPER: dict[str, Any] = {
@@ -93,7 +90,7 @@ _PAPER: dict[str, Any] = {
     "crossover_tournament_size": 2,
     "mutation_prob": 0.5,
     "paraphrase_max_tokens": 60,
-    "scoring_subset": 100,
+    "train_subset": 100,
 }
 
 _SMALL: dict[str, Any] = {
@@ -143,15 +140,15 @@ class Plum(Optimizer):
     scorer_needs: ClassVar[frozenset[Capability]] = frozenset()
     optimizer_needs: ClassVar[frozenset[Capability]] = frozenset({Capability.GENERATE})
     presets: ClassVar[dict[str, dict[str, Any]]] = {"paper": _PAPER, "small": _SMALL}
+    subset_purpose: ClassVar[int] = 301
 
     params: PlumParams
 
     def __init__(self, params: PlumParams, seed: int) -> None:
         super().__init__(params, seed)
         self.search_state: dict[str, Any] | None = None
-        # instruction hash -> [objective, task score, step first scored]
-        self.scored: dict[str, list[float]] = {}
-        self.scoring_positions: list[int] | None = None
+        # instruction hash -> its objective, task score and the step it was first scored
+        self.scored: dict[str, ScoredPrompt] = {}
 
     @property
     def total_steps(self) -> int:
@@ -166,15 +163,12 @@ class Plum(Optimizer):
     def _state(self) -> dict[str, Any]:
         return {
             "search": self.search_state,
-            "scored": {k: list(v) for k, v in self.scored.items()},
-            "scoring_positions": None if self.scoring_positions is None else list(self.scoring_positions),
+            "scored": {k: v.to_json() for k, v in self.scored.items()},
         }
 
     def _load_state(self, state: dict[str, Any]) -> None:
         self.search_state = state["search"]
-        self.scored = {k: list(v) for k, v in state["scored"].items()}
-        positions = state["scoring_positions"]
-        self.scoring_positions = None if positions is None else [int(p) for p in positions]
+        self.scored = {k: ScoredPrompt.from_json(v) for k, v in state["scored"].items()}
 
     # -- helpers ----------------------------------------------------------------------------------------
 
@@ -187,12 +181,6 @@ class Plum(Optimizer):
             search.load_state_dict(self.search_state)
         return search
 
-    def scoring_examples(self, ctx: OptimizerContext) -> list[Example]:
-        train = ctx.evaluator.task.split_examples("train")
-        if self.scoring_positions is None:
-            self.scoring_positions = subset_positions(len(train), self.params.scoring_subset, self.seed, _SEED_SUBSET)
-        return [train[i] for i in self.scoring_positions]
-
     async def evaluate(
         self, ctx: OptimizerContext, texts: list[str], step: int, examples: list[Example]
     ) -> tuple[list[float], list[CandidateResult]]:
@@ -203,7 +191,7 @@ class Plum(Optimizer):
             scores = await ctx.evaluator.score(fresh, split="train", examples=examples)
             for text, scored in zip(fresh, scores, strict=True):
                 value = objective(scored, ctx.evaluator.task, examples)
-                self.scored[instruction_hash(text)] = [value, float(scored.score), step]
+                self.scored[instruction_hash(text)] = ScoredPrompt(value, float(scored.score), step)
                 results.append(
                     CandidateResult(
                         text,
@@ -212,34 +200,45 @@ class Plum(Optimizer):
                         {"objective": round(value, 6), "algorithm": self.params.algorithm},
                     )
                 )
-        return [self.scored[instruction_hash(t)][0] for t in texts], results
+        return [self.scored[instruction_hash(t)].objective for t in texts], results
 
     def best(self) -> CandidateResult | None:
         if not self.search_state or not self.search_state["best"]:
             return None
         best = self.search_state["best"]
         text = Cand.from_json(best["cand"]).text
-        _, score, step = self.scored[instruction_hash(text)]
-        return CandidateResult(text, score, int(step), {"objective": best["value"]})
+        scored = self.scored[instruction_hash(text)]
+        return CandidateResult(text, scored.score, scored.step, {"objective": best["value"]})
 
     # -- the step ---------------------------------------------------------------------------------------
 
-    async def step(self, ctx: OptimizerContext) -> StepReport:
-        if self.done:
-            raise RuntimeError("Plum run is already complete")
-        step = self.steps_done
+    # Plum searches on its objective, so the engine also selects on it (on train to pick a step's leader, then
+    # on dev); the reported scores stay the task's metric.
+    @classmethod
+    def train_objective(cls, candidate: CandidateResult) -> float:
+        return float(candidate.details["objective"])
+
+    @classmethod
+    def dev_objective(cls, score: PromptScore, task: Task, examples: list[Example]) -> float:
+        return objective(score, task, examples)
+
+    async def score_prompts(
+        self, ctx: OptimizerContext, prompts: list[str], step: int, examples: list[Example]
+    ) -> list[CandidateResult]:
+        # Plum's candidates are phrase lists; a prompt is scored as the text its phrases join back into.
+        return (await self.evaluate(ctx, [Cand.from_text(p).text for p in prompts], step, examples))[1]
+
+    async def initial_step(self, ctx: OptimizerContext) -> StepReport:
+        report = await super().initial_step(ctx)
+        search = self.make_search(ctx)
+        initial = Cand.from_text(ctx.initial_prompt)
+        search.start(initial, self.scored[instruction_hash(initial.text)].objective)
+        self.search_state = search.state_dict()
+        return report
+
+    async def search_step(self, ctx: OptimizerContext, step: int) -> StepReport:
         examples = self.scoring_examples(ctx)
         search = self.make_search(ctx)
-        if step == 0:
-            initial = Cand.from_text(ctx.initial_prompt)
-            values, results = await self.evaluate(ctx, [initial.text], 0, examples)
-            search.start(initial, values[0])
-            self.search_state = search.state_dict()
-            for r in results:
-                r.details["origin"] = "initial"
-            self.steps_done += 1
-            return StepReport(0, results, message=f"initial prompt scored on {len(examples)} examples")
-
         reported: list[CandidateResult] = []
         proposed = 0
         while True:
@@ -253,7 +252,6 @@ class Plum(Optimizer):
             if search.tell(values):
                 break
         self.search_state = search.state_dict()
-        self.steps_done += 1
         best = search.best["value"] if search.best else float("nan")
         message = (
             f"{self.params.algorithm} iteration {search.iteration}: {proposed} proposals, {len(reported)} new; "

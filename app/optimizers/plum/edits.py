@@ -1,4 +1,4 @@
-"""Phrase-level edits shared by all six Plum searches (ALGORITHMS.md section 3.1).
+"""Phrase-level edits shared by all six Plum searches (docs/methods/plum.md).
 
 A candidate is a list of phrases plus its *delete tracker* (phrases removed from it earlier, which the `add`
 edit may re-insert). Phrases come from a light chunker instead of a constituency parser: split after

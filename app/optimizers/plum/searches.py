@@ -1,4 +1,4 @@
-"""The six Plum metaheuristics (ALGORITHMS.md section 3.3) as ask/tell state machines.
+"""The six Plum metaheuristics (docs/methods/plum.md) as ask/tell state machines.
 
 `await search.ask()` returns the candidates of the current phase; `search.tell(values)` takes their objective
 values (higher is better) and returns True when that completed a search iteration. Most searches have one
