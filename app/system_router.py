@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Query, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from app.deps import ServicesDep
 from app.optimizers.registry import METHODS
@@ -22,6 +22,11 @@ class MethodRead(BaseModel):
     optimizer_needs: list[str]
     parameters: dict[str, Any]
     presets: dict[str, dict[str, Any]]
+    expected_calls: dict[str, int] = Field(
+        description="About how many LLM calls a job makes with the default parameters (`default`) and with each "
+        "preset, on a task with `n_train` training and `n_dev` dev examples: search and dev selection, plus "
+        "`n_test` x 2 for the final test scoring. An estimate for setting `budget.max_llm_calls`, not a cap."
+    )
 
 
 class BackendRead(BaseModel):
@@ -34,19 +39,33 @@ class BackendRead(BaseModel):
 
 
 @router.get("/v1/methods", response_model=list[MethodRead])
-async def list_methods() -> list[MethodRead]:
-    """Each method with its parameters (JSON Schema: defaults, bounds, descriptions) and needed capabilities."""
-    return [
-        MethodRead(
-            name=name,
-            description=(cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else name,
-            scorer_needs=sorted(c.value for c in cls.scorer_needs),
-            optimizer_needs=sorted(c.value for c in cls.optimizer_needs),
-            parameters=cls.params_model.model_json_schema(),
-            presets=cls.presets,
+async def list_methods(
+    n_train: Annotated[int, Query(ge=1, le=1_000_000, description="Training examples, for `expected_calls`.")] = 112,
+    n_dev: Annotated[int, Query(ge=0, le=1_000_000, description="Dev examples, for `expected_calls`.")] = 56,
+    n_test: Annotated[int, Query(ge=0, le=1_000_000, description="Test examples, for `expected_calls`.")] = 56,
+    num_layers: Annotated[int, Query(ge=1, le=1000, description="Model layers (BBTv2 steps per layer).")] = 30,
+) -> list[MethodRead]:
+    """Each method with its parameters (JSON Schema: defaults, bounds, descriptions), needed capabilities, presets
+    and their expected LLM calls (the defaults: builtin:dbpedia16's default split on the 30-layer local model)."""
+    out = []
+    for name, cls in METHODS.items():
+        configs = {"default": {}, **cls.presets}
+        calls = {
+            label: cls.expected_calls(cls.params_model(**values), n_train, n_dev, num_layers) + 2 * n_test
+            for label, values in configs.items()
+        }
+        out.append(
+            MethodRead(
+                name=name,
+                description=(cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else name,
+                scorer_needs=sorted(c.value for c in cls.scorer_needs),
+                optimizer_needs=sorted(c.value for c in cls.optimizer_needs),
+                parameters=cls.params_model.model_json_schema(),
+                presets=cls.presets,
+                expected_calls=calls,
+            )
         )
-        for name, cls in METHODS.items()
-    ]
+    return out
 
 
 @router.get("/v1/backends", response_model=list[BackendRead])

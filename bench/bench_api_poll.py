@@ -1,4 +1,4 @@
-"""Status-poll latency of the API under many concurrent pollers (DESIGN.md target: p50 < 5 ms at 200).
+"""Status-poll latency of the API under many concurrent pollers (target: p50 < 5 ms at 200).
 
   python -m bench.bench_api_poll [--pollers 200] [--seconds 10] [--database-url postgresql+asyncpg://...]
 

@@ -18,7 +18,8 @@ from workers.embedded import create_embedded_app, embedded_settings
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
-async def run_embedded_job(body: dict) -> dict:
+async def run_embedded_job(body: dict, with_candidates: bool = False) -> dict:
+    """Run `body` to its end; `with_candidates` adds the job's candidates (all of them) under "candidates"."""
     with tempfile.TemporaryDirectory() as tmp:
         settings = embedded_settings(Settings(), Path(tmp) / "bench.db")
         app = create_embedded_app(settings)
@@ -34,7 +35,20 @@ async def run_embedded_job(body: dict) -> dict:
                         break
                     await asyncio.sleep(0.5)
                 job["wall_seconds"] = time.perf_counter() - started
+                if with_candidates:
+                    job["candidates"] = await all_candidates(client, job_id)
                 return job
+
+
+async def all_candidates(client: httpx.AsyncClient, job_id: str) -> list[dict]:
+    items, cursor = [], None
+    while True:
+        query = "limit=200" + (f"&cursor={cursor}" if cursor else "")
+        page = (await client.get(f"/v1/jobs/{job_id}/candidates?{query}")).json()
+        items += page["items"]
+        cursor = page["next_cursor"]
+        if not cursor:
+            return items
 
 
 def report(title: str, job: dict) -> None:

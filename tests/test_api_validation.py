@@ -176,11 +176,37 @@ async def test_methods_and_backends(app_client):
     assert steps["default"] == 200 and steps["minimum"] == 0 and steps["maximum"] == 10_000
     assert opro["optimizer_needs"] == ["generate"]
     assert "small" in opro["presets"]
+    # expected calls per preset for the asked split sizes: OPRO small = S + N*c*S + N*c + (N+1)*D, plus 2 x test
+    assert set(opro["expected_calls"]) == {"default", "paper", "small"}
+    assert opro["expected_calls"]["small"] == 112 + 4 * 4 * 112 + 4 * 4 + 5 * 56 + 2 * 56
+    assert all(m["expected_calls"]["paper"] > m["expected_calls"]["small"] for m in methods)
+    bigger = (await app_client.get("/v1/methods?n_train=500&n_dev=100&n_test=100")).json()
+    assert next(m for m in bigger if m["name"] == "opro")["expected_calls"]["small"] > opro["expected_calls"]["small"]
+    assert (await app_client.get("/v1/methods?n_train=0")).status_code == 422
 
     backends = {b["name"]: b for b in (await app_client.get("/v1/backends")).json()}
     assert "label_logprobs" in backends["default"]["capabilities"]
     assert "deep_prompt" in backends["local"]["capabilities"]
     assert "deep_prompt" not in backends["default"]["capabilities"]
+
+
+async def test_a_budget_too_small_for_the_parameters_is_a_warning_not_an_error(app_client):
+    tight = await app_client.post("/v1/jobs", json=label_job(params={"steps": 50}, budget={"max_llm_calls": 100}))
+    assert tight.status_code == 202
+    (warning,) = tight.json()["warnings"]
+    assert "max_llm_calls 100" in warning and "stop on the budget" in warning
+    roomy = await app_client.post("/v1/jobs", json=label_job(budget={"max_llm_calls": 100_000}))
+    assert roomy.status_code == 202 and roomy.json()["warnings"] == []
+    for job in (tight.json(), roomy.json()):
+        await app_client.post(f"/v1/jobs/{job['id']}/cancel")
+    # the warning is kept with the job, as an event
+    async with app_client.stream("GET", f"/v1/jobs/{tight.json()['id']}/events") as response:
+        text = ""
+        async for chunk in response.aiter_text():
+            text += chunk
+            if "event: warning" in text and "stop on the budget" in text:
+                break
+    assert "event: warning" in text
 
 
 async def test_accepted_job_is_kept_and_listed(app_client):

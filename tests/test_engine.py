@@ -282,3 +282,21 @@ async def test_claps_never_returns_a_pruning_word_or_the_empty_prompt() -> None:
             candidate = record.candidates[index]
             assert candidate.eligible and candidate.prompt != ""
             assert candidate.details["phase"] in ("greedy", "genetic") or candidate.details.get("origin") == "initial"
+
+
+@pytest.mark.parametrize("search", ["greedy", "genetic"])
+async def test_expected_calls_match_a_real_run(search: str) -> None:
+    """The estimate behind /v1/methods and the submit warning, against the calls a ClaPS run really makes."""
+    from tests.test_claps import FakeScorer, make_params
+    from tests.test_claps import make_task as claps_task
+
+    params = make_params(search=search, percentile=50.0)
+    plan = JobPlan(Claps, params, 0, claps_task(), "Classify the text.", "fake-claps", "fake-claps")
+    backend = FakeScorer()
+    usage = Usage()
+    await JobEngine(plan, ListSink(), scorer=backend, optimizer_llm=backend, usage=usage).run()
+    task = plan.task
+    n_train, n_dev, n_test = (len(task.split_examples(s)) for s in ("train", "dev", "test"))
+    expected = Claps.expected_calls(params, n_train, n_dev) + 2 * n_test
+    # an upper bound that is not loose: only repeated strings and skipped dev checks make a run cheaper
+    assert 0.7 * expected <= usage.llm_calls + usage.cache_hits <= expected

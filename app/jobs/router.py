@@ -49,7 +49,7 @@ async def enqueue_committed(services, job_id: str) -> None:
 @router.post("", status_code=202, response_model=JobRead)
 async def submit_job(payload: JobCreate, services: ServicesDep, tenant: TenantDep) -> JobRead:  # type: ignore[valid-type]
     async with services.db.transaction() as session:
-        job = await service.submit_job(
+        job, warnings = await service.submit_job(
             payload,
             jobs=JobRepository(session),
             datasets=DatasetRepository(session),
@@ -57,6 +57,7 @@ async def submit_job(payload: JobCreate, services: ServicesDep, tenant: TenantDe
             tenant=tenant,
         )
         read = service.job_read(job, with_spec=True)
+        read.warnings = warnings
     JOBS_SUBMITTED.labels(method=job.method).inc()
     await enqueue_committed(services, job.id)
     return read

@@ -169,6 +169,10 @@ class JobRead(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     spec: dict | None = Field(None, description="The job as submitted, defaults filled in.")
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="Set on submission only (also kept as `warning` events): e.g. a budget too small to finish.",
+    )
 
 
 class JobPage(BaseModel):

@@ -43,7 +43,8 @@ def _check_backends(payload: JobCreateBase, registry: BackendRegistry, method: s
 
 async def submit_job(
     payload: JobCreateBase, *, jobs: JobRepository, datasets: DatasetRepository, registry: BackendRegistry, tenant: str
-) -> Job:
+) -> tuple[Job, list[str]]:
+    """Validate and store a job; returns it with the warnings a client should see (not errors: it was accepted)."""
     method = payload.method  # type: ignore[attr-defined]
     _check_backends(payload, registry, method)
 
@@ -102,7 +103,31 @@ async def submit_job(
     )
     await jobs.add(job)
     await jobs.add_event(job.id, "state", {"status": JobStatus.QUEUED.value})
-    return job
+    warnings = budget_warnings(plan, registry.info(plan.scorer_backend).geometry.get("num_layers", 30))
+    for warning in warnings:
+        await jobs.add_event(job.id, "warning", {"message": warning})
+    return job, warnings
+
+
+def budget_warnings(plan: JobPlan, num_layers: int) -> list[str]:
+    """What a client should hear before the job runs: a call budget below what its parameters are expected to need
+    (the search would stop on the budget, before the method is done)."""
+    if plan.max_llm_calls is None:
+        return []
+    task = plan.task
+    n_test = len(task.split_examples("test"))
+    search = plan.method.expected_calls(
+        plan.params, len(task.split_examples("train")), len(task.split_examples("dev")), num_layers
+    )
+    needed = search + 2 * n_test
+    if needed <= plan.max_llm_calls:
+        return []
+    return [
+        f"budget.max_llm_calls {plan.max_llm_calls} is below the about {needed} calls these parameters are expected "
+        f"to need ({search} for the search and dev selection, {2 * n_test} for the test split): the search will "
+        "likely stop on the budget before it is done (stop_reason 'budget'). Raise the budget or use a smaller "
+        "preset; GET /v1/methods lists each preset's expected calls."
+    ]
 
 
 def job_read(job: Job, *, with_spec: bool = False) -> JobRead:

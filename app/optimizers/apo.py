@@ -306,6 +306,27 @@ class Apo(Optimizer):
     def total_steps(self) -> int:
         return self.params.rounds
 
+    @classmethod
+    def expected_calls(cls, params: ApoParams, n_train: int, n_dev: int, num_layers: int = 30) -> int:
+        p = params
+
+        def selection(arms: int) -> int:
+            if p.selection in ("ucb", "ucb-e"):
+                return p.eval_rounds * min(p.eval_prompts_per_round, arms) * min(p.samples_per_eval, n_train)
+            if p.selection == "bf":
+                return arms * max(1, min(n_train, p.budget // arms))
+            return min(p.budget, arms * n_train)  # successive rejects / halving spend about the budget
+
+        per_parent_requests = p.n_gradients + p.n_gradients * p.gradients_per_error + p.mc_samples_per_step * (
+            1 + p.n_gradients * p.gradients_per_error * p.steps_per_gradient
+        )
+        total = selection(1)
+        for rnd in range(1, p.rounds + 1):
+            parents = 1 if rnd == 1 else p.beam_size
+            arms = parents * (1 + p.max_expansion_factor)
+            total += parents * min(p.minibatch_size, n_train) + parents * per_parent_requests + selection(arms)
+        return total + (p.rounds + 1) * n_dev
+
     # -- state ------------------------------------------------------------------------------------------
 
     def _state(self) -> dict[str, Any]:

@@ -205,10 +205,17 @@ class Optimizer(ABC):
         """Search steps after the initial one, for progress reporting."""
 
     @classmethod
-    def expected_calls(cls, params: MethodParams, n_train: int, n_dev: int) -> int:
-        """About how many LLM calls a run with `params` makes on a task with these split sizes, search and dev
-        selection included (the final test scoring is reserved apart). An estimate for budgeting, not a cap."""
+    def expected_calls(cls, params: MethodParams, n_train: int, n_dev: int, num_layers: int = 30) -> int:
+        """About how many LLM calls a run with `params` makes on a task with these split sizes, its search and its
+        dev selections (at most one per step), without the final test scoring; `num_layers` matters to methods
+        with a step per model layer. An estimate for budgeting, not a cap: duplicates and the cache make it less.
+        docs/methods/ derives each method's formula."""
         raise NotImplementedError
+
+    @staticmethod
+    def scoring_set_size(params: MethodParams, n_train: int) -> int:
+        size = getattr(params, "train_subset", None)
+        return n_train if size is None else min(size, n_train)
 
     @classmethod
     def train_objective(cls, candidate: CandidateResult) -> float:

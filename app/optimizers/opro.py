@@ -313,6 +313,11 @@ class Opro(Optimizer):
     def total_steps(self) -> int:
         return self.params.steps
 
+    @classmethod
+    def expected_calls(cls, params: OproParams, n_train: int, n_dev: int, num_layers: int = 30) -> int:
+        s, n, c = cls.scoring_set_size(params, n_train), params.steps, params.candidates_per_step
+        return s + n * c * s + n * c + (n + 1) * n_dev
+
     # -- state ------------------------------------------------------------------------------------------
 
     def _state(self) -> dict[str, Any]:

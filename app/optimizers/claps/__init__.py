@@ -170,6 +170,18 @@ class Claps(Optimizer):
     def total_steps(self) -> int:
         return 1 + self.prune_steps + self.search_steps
 
+    @classmethod
+    def expected_calls(cls, params: ClapsParams, n_train: int, n_dev: int, num_layers: int = 30) -> int:
+        p = params
+        s, reps = cls.scoring_set_size(p, n_train), p.n_clusters
+        if p.search == "greedy":
+            pruned = max(p.min_pruned, math.ceil((1 - p.percentile / 100) * reps))
+            search, selections = (p.prompt_length - 1) * pruned * s, p.prompt_length
+        else:
+            search = p.population_size * s + (p.n_epochs - 1) * (p.n_mutants + p.n_crossovers) * s
+            selections = p.n_epochs
+        return 2 * s + reps * s + search + (1 + selections) * n_dev
+
     # -- state ------------------------------------------------------------------------------------------
 
     def _state(self) -> dict[str, Any]:

@@ -154,6 +154,13 @@ class Plum(Optimizer):
     def total_steps(self) -> int:
         return self.params.num_iterations
 
+    @classmethod
+    def expected_calls(cls, params: PlumParams, n_train: int, n_dev: int, num_layers: int = 30) -> int:
+        p = params
+        s, m, iterations = cls.scoring_set_size(p, n_train), p.num_candidates, p.num_iterations
+        children = m + (p.num_offspring if p.algorithm == "genetic_crossover" else 0)
+        return s + iterations * (children * s + m * p.num_compose) + (iterations + 1) * n_dev
+
     @property
     def done(self) -> bool:
         return super().done or bool(self.search_state and self.search_state["stopped"])
