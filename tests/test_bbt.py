@@ -13,18 +13,19 @@ import pytest
 from app.evaluation.evaluator import Evaluator
 from app.evaluation.splits import SplitSpec
 from app.evaluation.task import Example, Task
-from app.jobs.service import task_from_spec
+from app.jobs.engine import task_from_spec
 from app.llm.metered import MeteredLLM
 from app.llm.port import (
+    BackendError,
     BackendInfo,
     Capability,
     ContinuousPrefix,
     LabelScoreRequest,
     LabelScores,
     PrefixKind,
+    placeholder_span,
 )
 from app.llm.registry import BackendRegistry
-from app.llm.usage import Budget, Usage
 from app.main import create_app
 from app.optimizers.base import OptimizerContext
 from app.optimizers.bbt import Bbt, BbtParams, BbtV2, BbtV2Params, loss_and_accuracy
@@ -34,6 +35,7 @@ from app.optimizers.bbt.projection import (
     layer_projection,
     soft_prompt_from_artifact,
 )
+from app.usage import Budget, Usage
 from tests.conftest import label_job, running_worker, wait_for_status
 
 GEOMETRY = {"hidden_size": 6, "num_layers": 3, "num_kv_heads": 2, "head_dim": 4, "max_positions": 512}
@@ -87,6 +89,47 @@ def test_artifact_rebuilds_prefix_of_the_right_shape():
     assert deep.prefix.kind == PrefixKind.DEEP and deep.prefix.vectors.shape == (3, 2, 2, 4, 4)
     assert not deep.prefix.vectors[0].any() and deep.prefix.vectors[1].any()  # z = 0: a zero prefix
     assert deep.prefix.length == 4
+
+
+def test_additive_artifact_rebuilds_and_old_versions_load():
+    v2 = {**_artifact("bbt", [0.1, -0.2, 0.3, 0.0, 1.0]), "version": 2, "insertion": "add"}
+    v2["placeholder"] = "instruction"
+    bbt = soft_prompt_from_artifact(v2)
+    assert bbt.prefix.kind == PrefixKind.INPUT_ADD and bbt.prefix.vectors.shape == (4, 6)
+    assert bbt.prefix.anchor == "Classify." and bbt.prefix.length == 0 and bbt.prefix.rows == 4
+    assert "vectors added to the instruction" in bbt.description
+    # The same z in the old (prepend) form: the same vectors, put in front instead.
+    old = soft_prompt_from_artifact(_artifact("bbt", [0.1, -0.2, 0.3, 0.0, 1.0]))
+    assert np.array_equal(old.prefix.vectors, bbt.prefix.vectors) and old.prefix != bbt.prefix
+
+    zs = [[0.0] * 5, [1.0, 0, 0, 0, 0], [0.0, 2.0, 0, 0, 0]]
+    deep_artifact = {**_artifact("bbtv2", zs), "version": 2, "insertion": "add", "placeholder": "instruction"}
+    deep_artifact["stds"] = [0.5, 0.2, 0.1]
+    deep = soft_prompt_from_artifact(deep_artifact)
+    assert deep.prefix.kind == PrefixKind.DEEP_ADD and deep.prefix.vectors.shape == (3, 4, 6)
+    assert not deep.prefix.vectors[0].any() and deep.prefix.vectors[1].any()  # z = 0: adds nothing
+    prepend = soft_prompt_from_artifact({**_artifact("bbtv2", zs), "version": 2, "insertion": "prepend"})
+    assert prepend.prefix.kind == PrefixKind.DEEP
+
+    with pytest.raises(ValueError, match="version 3"):
+        soft_prompt_from_artifact({**v2, "version": 3})
+    with pytest.raises(ValueError, match="placeholder"):
+        soft_prompt_from_artifact({**v2, "placeholder": "vocabulary"})
+
+
+def test_additive_prefix_needs_an_anchor_and_finds_its_tokens():
+    with pytest.raises(ValueError, match="anchor"):
+        ContinuousPrefix.of(PrefixKind.INPUT_ADD, np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="anchor"):
+        ContinuousPrefix.of(PrefixKind.INPUT, np.zeros((2, 3)), anchor="x")
+    a = ContinuousPrefix.of(PrefixKind.INPUT_ADD, np.zeros((2, 3)), anchor="Classify.")
+    assert a != ContinuousPrefix.of(PrefixKind.INPUT_ADD, np.zeros((2, 3)), anchor="Classify!")
+    # ids of the prompt, of its text before the anchor, and through the anchor's end
+    assert placeholder_span([1, 5, 6, 7, 8], [1], [1, 5, 6, 7], rows=10) == (1, 4)
+    assert placeholder_span([1, 5, 6, 7, 8], [1], [1, 5, 6, 7], rows=2) == (1, 3)  # at most `rows`
+    assert placeholder_span([5, 6, 9, 8], [], [5, 6, 7], rows=10) == (0, 2)  # a token merged across the end
+    with pytest.raises(BackendError, match="no tokens"):
+        placeholder_span([5, 6], [5, 6], [5, 6], rows=3)
 
 
 def test_prefix_identity_is_its_content():
@@ -179,6 +222,10 @@ class WhiteBoxScorer:
         assert prompts
         return [(1.0 + layer, 0.5) for layer in range(GEOMETRY["num_layers"])]
 
+    async def hidden_statistics(self, prompts):
+        assert prompts
+        return [2.0 + layer for layer in range(GEOMETRY["num_layers"])]
+
     async def label_logprobs(self, requests, on_result=None):
         out = []
         for i, request in enumerate(requests):
@@ -258,8 +305,9 @@ async def test_bbt_resumed_equals_uninterrupted():
     assert 1 <= len(cobyla.candidates) <= 5 and all(c.details["stage"] == "cobyla" for c in cobyla.candidates)
 
 
-async def test_bbtv2_sweeps_layers_and_resumes():
-    params = BbtV2Params(prompt_length=2, intrinsic_dim=5, popsize=4, budget=24, train_subset=4)
+@pytest.mark.parametrize("insertion", ["add", "prepend"])
+async def test_bbtv2_sweeps_layers_and_resumes(insertion):
+    params = BbtV2Params(prompt_length=2, intrinsic_dim=5, popsize=4, budget=24, train_subset=4, insertion=insertion)
     optimizer = BbtV2(params, seed=4)
     assert optimizer.total_steps == 6  # before the model is known: one layer assumed
     ctx = make_ctx()
@@ -269,12 +317,17 @@ async def test_bbtv2_sweeps_layers_and_resumes():
     assert [(c.details["round"], c.details["layer"]) for c in (r.candidates[0] for r in reports[1:])] == [
         (1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)
     ]  # fmt: skip
-    # Per-layer scales from the key/value statistics: alpha * s / (sqrt(d) * sigma)
-    assert optimizer.scale["stds"][2] == pytest.approx(
-        [0.2 * 3.0 / (math.sqrt(5) * 0.2), 0.2 * 0.5 / math.sqrt(5) / 0.2]
-    )
     last = reports[-1].candidates[0]
-    assert last.scoring_prompt.prefix.vectors.shape == (3, 2, 2, 2, 4)
+    if insertion == "prepend":
+        # Per-layer scales from the key/value statistics: alpha * s / (sqrt(d) * sigma)
+        assert optimizer.scale["stds"][2] == pytest.approx(
+            [0.2 * 3.0 / (math.sqrt(5) * 0.2), 0.2 * 0.5 / math.sqrt(5) / 0.2]
+        )
+        assert last.scoring_prompt.prefix.vectors.shape == (3, 2, 2, 2, 4)
+    else:  # from the hidden-state statistics
+        assert optimizer.scale["stds"][2] == pytest.approx(0.2 * 4.0 / (math.sqrt(5) * 0.2))
+        assert last.scoring_prompt.prefix.vectors.shape == (3, 2, 6)
+        assert last.scoring_prompt.prefix.anchor == "Answer yes or no." and last.artifact["insertion"] == "add"
     assert BbtV2.prompt_from_artifact(last.artifact).prefix == last.scoring_prompt.prefix
     assert min(c.details["loss"] for c in reports[-1].candidates) < math.log(2)
 
@@ -344,11 +397,72 @@ async def test_local_prefix_batched_equals_single(local_backend, kind):
         await local_backend.label_logprobs([LabelScoreRequest("x", (" a",), wrong)])
 
 
+LOCAL_INSTRUCTION = "Classify the text."
+LOCAL_TEXTS = [
+    "The Eiffel Tower is in Paris.",
+    "A small village in Poland with a long and interesting history of trade and crafts.",
+    "Apple Inc.",
+]
+LOCAL_VERBALIZERS = (" company", " village", " building")
+
+
+def _additive(kind: str, rows: int, layer: int | None = None, seed: int = 0) -> ContinuousPrefix:
+    shape = (rows, 576) if kind == "input_add" else (30, rows, 576)
+    vectors = np.zeros(shape, dtype=np.float32)
+    if layer is not None:
+        noise = np.random.default_rng(seed).normal(0, 0.05 if kind == "input_add" else 1.0, shape[-2:])
+        vectors[...] = noise if kind == "input_add" else 0.0
+        if kind == "deep_add":
+            vectors[layer] = noise
+    return ContinuousPrefix.of(PrefixKind(kind), vectors, anchor=LOCAL_INSTRUCTION)
+
+
+def _gap(a, b) -> float:
+    return max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True))
+
+
+@pytest.mark.parametrize("template", ["{prompt}\nText: {input}\nTopic:", "Task. {prompt} Text: {input}\nTopic:"])
+@pytest.mark.parametrize("kind", ["input_add", "deep_add"])
+async def test_local_additive_prefix_at_zero_is_the_text_prompt(local_backend, kind, template):
+    """z = 0: the plain prompt's log-probs, alone and in a batch with other prompts (plain ones too)."""
+    prompts = [template.format(prompt=LOCAL_INSTRUCTION, input=text) for text in LOCAL_TEXTS]
+    plain = await local_backend.label_logprobs([LabelScoreRequest(p, LOCAL_VERBALIZERS) for p in prompts])
+    zero = _additive(kind, rows=8)
+    requests = [LabelScoreRequest(p, LOCAL_VERBALIZERS, zero) for p in prompts]
+    mixed = await local_backend.label_logprobs([*requests, LabelScoreRequest("Hello", LOCAL_VERBALIZERS)])
+    for request, want, together in zip(requests, plain, mixed, strict=False):
+        (alone,) = await local_backend.label_logprobs([request])
+        assert _gap(together, want) <= 1e-5 and _gap(alone, want) <= 1e-5
+        assert together.prompt_tokens == want.prompt_tokens  # the additive form adds no tokens
+
+
+@pytest.mark.parametrize("kind", ["input_add", "deep_add"])
+async def test_local_additive_prefix_is_seen_and_batch_independent(local_backend, kind):
+    prompts = [f"{LOCAL_INSTRUCTION}\nText: {text}\nTopic:" for text in LOCAL_TEXTS]
+    plain = await local_backend.label_logprobs([LabelScoreRequest(p, LOCAL_VERBALIZERS) for p in prompts])
+    prefixes = [_additive(kind, rows=5, layer=7, seed=seed) for seed in (1, 2)]  # deep: layer 7 only
+    requests = [LabelScoreRequest(p, LOCAL_VERBALIZERS, prefixes[i % 2]) for i, p in enumerate(prompts)]
+    batched = await local_backend.label_logprobs(requests)
+    for request, want, together in zip(requests, plain, batched, strict=True):
+        (alone,) = await local_backend.label_logprobs([request])
+        assert _gap(together, alone) <= 1e-5
+        assert _gap(together, want) > 1e-3  # the vectors are seen
+    elsewhere = LabelScoreRequest("No instruction here.", LOCAL_VERBALIZERS, prefixes[0])
+    with pytest.raises(BackendError, match="does not occur"):
+        await local_backend.label_logprobs([elsewhere])
+    wrong = ContinuousPrefix.of(PrefixKind(kind), np.zeros((2, 7) if kind == "input_add" else (29, 2, 576)), "x")
+    with pytest.raises(BackendError, match="does not fit"):
+        await local_backend.label_logprobs([LabelScoreRequest("x", (" a",), wrong)])
+
+
 async def test_local_scales(local_backend):
     std = await local_backend.embedding_std()
     assert 0.01 < std < 1.0
     stats = await local_backend.kv_statistics(["The cat sat on the mat.", "Paris is in France."])
     assert len(stats) == 30 and all(k > 0 and v > 0 for k, v in stats)
+    hidden = await local_backend.hidden_statistics(["The cat sat on the mat.", "Paris is in France."])
+    assert len(hidden) == 30 and all(h > 0 for h in hidden)
+    assert hidden[0] == pytest.approx(std, rel=0.5)  # layer 0's input is the token embeddings
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -391,7 +505,7 @@ async def test_bbt_job_with_local_model_and_predict_reproduces_dev(app_client, w
     # predict applies the stored artifact: on the dev split it reproduces the reported dev score.
     spec = (await app_client.get(f"/v1/jobs/{job['id']}")).json()["spec"]
     dataset = (await app_client.get("/v1/datasets/builtin:snli16?examples_limit=1000")).json()
-    dev = task_from_spec(spec, dataset["examples"]).split_examples("dev")
+    dev = task_from_spec(spec["task"], dataset["examples"]).split_examples("dev")
     predicted = await app_client.post(f"/v1/jobs/{job['id']}/predict", json={"inputs": [ex.input for ex in dev]})
     assert predicted.status_code == 200, predicted.text
     assert predicted.json()["prompt"] == job["best"]["prompt"]
@@ -454,7 +568,7 @@ async def test_soft_prompt_job_stores_artifact_and_predict_reproduces_dev(whiteb
     assert missing.status_code == 404
 
     spec = (await client.get(f"/v1/jobs/{job['id']}")).json()["spec"]
-    dev = task_from_spec(spec, examples).split_examples("dev")
+    dev = task_from_spec(spec["task"], examples).split_examples("dev")
     predicted = await client.post(f"/v1/jobs/{job['id']}/predict", json={"inputs": [ex.input for ex in dev]})
     assert predicted.status_code == 200, predicted.text
     assert predicted.json()["prompt"] == job["best"]["prompt"]

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from app.jobs.service import task_from_spec
+from app.jobs.engine import task_from_spec
 from app.llm.local import LocalBackend
 from app.llm.openai_compat import OpenAICompatBackend
 from app.llm.port import Capability, ContinuousPrefix, LabelScoreRequest, PrefixKind
@@ -105,12 +105,48 @@ async def test_soft_prompt_over_http_scores_as_the_local_runner(served, local_mo
     assert all(b["max_tokens"] == 1 and b["logprob_token_ids"] for b in sent)
 
 
+async def test_additive_soft_prompt_over_http_scores_as_the_local_runner(served, local_model):
+    """BBT's additive form: the client adds the vectors to its placeholder tokens' rows before sending."""
+    server, responder = served
+    instruction = "Classify the text."
+    rng = np.random.default_rng(2)
+    prefixes = [
+        ContinuousPrefix.of(PrefixKind.INPUT_ADD, rng.normal(0, 0.05, (8, 576)), anchor=instruction),
+        ContinuousPrefix.of(PrefixKind.INPUT_ADD, np.zeros((8, 576)), anchor=instruction),  # z = 0
+    ]
+    prompts = [
+        f"{instruction}\nText: The cat sat on the mat.\nTopic:",
+        f"Task. {instruction} Text: Paris is a city.\nTopic:",
+        f"{instruction}\nText: A film review.\nTopic:",
+    ]
+    verbalizers = (" animal", " city", " film")
+    requests = [LabelScoreRequest(p, verbalizers, prefix) for p in prompts for prefix in prefixes]
+    expected = await local_model.label_logprobs(requests)
+    plain = await local_model.label_logprobs([LabelScoreRequest(p, verbalizers) for p in prompts])
+    server.reset()
+    async with http_backend(server, embedding_weights=str(responder.weights_dir)) as backend:
+        got = await backend.label_logprobs(requests)
+    for want, have in zip(expected, got, strict=True):
+        assert have.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+        assert have.prompt_tokens == want.prompt_tokens
+    for i, reference in enumerate(plain):  # z = 0 over HTTP is the text prompt
+        assert got[2 * i + 1].logprobs == pytest.approx(reference.logprobs, abs=1e-4)
+        assert abs(got[2 * i].logprobs[0] - reference.logprobs[0]) > 1e-3
+    sent = [r.body for r in server.requests("completions")]
+    assert len(sent) == 6 and all("prompt_embeds" in b for b in sent)
+    tensor = torch.load(io.BytesIO(base64.b64decode(sent[0]["prompt_embeds"])), weights_only=True)
+    assert tensor.shape == (expected[0].prompt_tokens, 576)  # the prompt's own tokens, none added
+
+
 async def test_deep_prefix_is_refused_over_http(served):
     server, responder = served
     deep = ContinuousPrefix.of(PrefixKind.DEEP, np.zeros((30, 2, 3, 1, 64)))
+    deep_add = ContinuousPrefix.of(PrefixKind.DEEP_ADD, np.zeros((30, 2, 576)), anchor="x")
     async with http_backend(server, embedding_weights=str(responder.weights_dir)) as backend:
         with pytest.raises(Exception, match="deep prefixes"):
             await backend.label_logprobs([LabelScoreRequest("x", (" a",), deep)])
+        with pytest.raises(Exception, match="deep_add prefixes"):
+            await backend.label_logprobs([LabelScoreRequest("x", (" a",), deep_add)])
 
 
 @pytest.fixture
@@ -160,7 +196,7 @@ async def test_bbt_job_over_http_and_predict_reproduces_dev(http_client, served)
 
     spec = (await client.get(f"/v1/jobs/{job['id']}")).json()["spec"]
     dataset = (await client.get("/v1/datasets/builtin:snli16?examples_limit=1000")).json()
-    dev = task_from_spec(spec, dataset["examples"]).split_examples("dev")
+    dev = task_from_spec(spec["task"], dataset["examples"]).split_examples("dev")
     predicted = await client.post(f"/v1/jobs/{job['id']}/predict", json={"inputs": [ex.input for ex in dev]})
     assert predicted.status_code == 200, predicted.text
     outputs = [p["output"] for p in predicted.json()["predictions"]]

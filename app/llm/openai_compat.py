@@ -12,7 +12,8 @@ Calls:
       the top-k scores -inf). `prompt_logprobs` is never used: it defeats vLLM's prefix caching.
       A request behind an input-layer soft prompt (BBT) is sent as `prompt_embeds` instead of `prompt`: the
       prompt's tokens (server `/tokenize`) embedded with the served model's matrix (`embedding_weights`), the
-      soft prompt's vectors after any leading special tokens, as the local runner places them.
+      soft prompt's vectors after any leading special tokens, as the local runner places them; an additive
+      soft prompt (BBT's default form) instead adds its vectors to the rows of its placeholder tokens.
 
 Failures: connection errors, timeouts, 408, 429 and 5xx are retried with full-jitter exponential backoff
 (`Retry-After` honoured); any other 4xx raises `BackendHTTPError` at once with the server's message.
@@ -52,7 +53,9 @@ from app.llm.port import (
     LabelScores,
     OnResult,
     PrefixKind,
+    anchor_bounds,
     leading_special_ids,
+    placeholder_span,
     soft_prompt_position,
 )
 from app.settings import BackendSettings
@@ -210,7 +213,7 @@ class OpenAICompatBackend:
         requests = list(requests)
         for request in requests:
             if request.prefix is not None:
-                if request.prefix.kind != PrefixKind.INPUT:
+                if request.prefix.kind not in (PrefixKind.INPUT, PrefixKind.INPUT_ADD):
                     raise CapabilityMissing(f"backend {self.name!r} cannot take {request.prefix.kind.value} prefixes")
                 self._require(Capability.INPUT_EMBEDDINGS)
         verbalizers = sorted({v for r in requests for v in r.verbalizers})
@@ -339,6 +342,20 @@ class OpenAICompatBackend:
                 f"{self.name}: token id {max(ids)} is outside the {matrix.shape[0]}-row embedding_weights: "
                 "they are not the served model's"
             )
+        if prefix is not None and prefix.kind == PrefixKind.INPUT_ADD:
+            # The additive form: the prompt's own rows, the vectors added to its placeholder tokens' rows.
+            start, end = anchor_bounds(prompt, prefix.anchor)
+            before = await self._token_ids(prompt[:start], probe=probe, max_retries=max_retries)
+            through = await self._token_ids(prompt[:end], probe=probe, max_retries=max_retries)
+            first, last = placeholder_span(ids, before, through, prefix.rows)
+            if prefix.vectors.shape[1] != matrix.shape[1]:
+                raise BackendError(
+                    f"{self.name}: soft prompt of width {prefix.vectors.shape[1]} does not fit this model "
+                    f"(hidden size {matrix.shape[1]})"
+                )
+            rows = matrix[ids].astype(np.float32, copy=True)
+            rows[first:last] += prefix.vectors[: last - first]
+            return await asyncio.to_thread(_encode_tensor, rows)
         head = soft_prompt_position(ids, special)
         parts = [matrix[ids[:head]]]
         if prefix is not None:

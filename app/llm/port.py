@@ -43,36 +43,60 @@ class GenerationRequest:
 
 
 class PrefixKind(enum.StrEnum):
-    # (n, hidden) vectors put in front of the prompt's token embeddings (BBT).
+    # (n, hidden) vectors put in front of the prompt's token embeddings (BBT, "prepend" form).
     INPUT = "input"
-    # (layers, 2, kv_heads, n, head_dim) keys and values in front of every layer's attention (BBTv2).
+    # (layers, 2, kv_heads, n, head_dim) keys and values in front of every layer's attention (BBTv2, "prepend").
     DEEP = "deep"
+    # (n, hidden) vectors ADDED to the input embeddings of the prompt's placeholder tokens (BBT, "add" form):
+    # row j to the j-th token of the `anchor` text in the prompt (see `placeholder_span`). All zeros = the text.
+    INPUT_ADD = "input_add"
+    # (layers, n, hidden) vectors added to the hidden states of the placeholder tokens before every decoder
+    # layer (BBTv2, "add" form). All zeros = the text prompt.
+    DEEP_ADD = "deep_add"
+
+    @property
+    def additive(self) -> bool:
+        return self in (PrefixKind.INPUT_ADD, PrefixKind.DEEP_ADD)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
 class ContinuousPrefix:
-    """Continuous prompt vectors a white-box backend adds in front of a prompt.
+    """Continuous prompt vectors a white-box backend puts in front of a prompt or adds to its placeholder tokens.
 
-    Identified (for equality and cache keys) by `digest`, a hash of the kind, shape and float32 bytes, so
-    thousands of requests can share one array without it ever being serialised."""
+    Identified (for equality and cache keys) by `digest`, a hash of the kind, shape, float32 bytes and anchor, so
+    thousands of requests can share one array without it ever being serialised. `anchor` (additive kinds only)
+    is the text whose tokens in the prompt are the placeholders."""
 
     kind: PrefixKind
     vectors: Any  # numpy float32 array, shape per `kind`
     digest: str
+    anchor: str | None = None
 
     @classmethod
-    def of(cls, kind: PrefixKind, vectors: Any) -> ContinuousPrefix:
+    def of(cls, kind: PrefixKind, vectors: Any, anchor: str | None = None) -> ContinuousPrefix:
         import numpy as np
 
+        kind = PrefixKind(kind)
+        if kind.additive != (anchor is not None) or anchor == "":
+            raise ValueError(f"a {kind.value} prefix needs {'an' if kind.additive else 'no'} anchor text")
         array = np.ascontiguousarray(vectors, dtype=np.float32)
         array.setflags(write=False)
-        digest = hashlib.sha256(f"{kind.value}:{array.shape}".encode() + array.tobytes()).hexdigest()
-        return cls(PrefixKind(kind), array, digest)
+        head = f"{kind.value}:{array.shape}".encode()
+        tail = b"" if anchor is None else b"anchor:" + anchor.encode()
+        digest = hashlib.sha256(head + array.tobytes() + tail).hexdigest()
+        return cls(kind, array, digest, anchor)
 
     @property
     def length(self) -> int:
-        """Virtual tokens the prefix adds."""
+        """Virtual tokens the prefix adds (none for the additive kinds: they change existing tokens)."""
+        if self.kind.additive:
+            return 0
         return int(self.vectors.shape[0] if self.kind == PrefixKind.INPUT else self.vectors.shape[3])
+
+    @property
+    def rows(self) -> int:
+        """Placeholder vectors per layer of an additive prefix."""
+        return int(self.vectors.shape[0] if self.kind == PrefixKind.INPUT_ADD else self.vectors.shape[1])
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ContinuousPrefix) and other.digest == self.digest
@@ -92,6 +116,35 @@ def soft_prompt_position(ids: list[int], special: list[int]) -> int:
     """Where an input-layer soft prompt goes in a prompt's ids: after its leading special ids. Both backends
     place it there, so an artifact means the same on the local runner and on vLLM."""
     return len(special) if ids[: len(special)] == special else 0
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def anchor_bounds(prompt: str, anchor: str) -> tuple[int, int]:
+    """Character span of the first occurrence of `anchor` in `prompt` (the template's {prompt} slot)."""
+    start = prompt.find(anchor)
+    if start < 0:
+        raise BackendError("the soft prompt's placeholder text does not occur in the prompt")
+    return start, start + len(anchor)
+
+
+def placeholder_span(ids: list[int], ids_before: list[int], ids_through: list[int], rows: int) -> tuple[int, int]:
+    """Token positions [start, end) of an additive soft prompt's placeholders in a prompt's `ids`: the tokens of
+    its anchor text, found from the ids of the prompt's text before the anchor (`ids_before`) and through its
+    end (`ids_through`), all tokenized as prompts (special tokens included); at most `rows` of them. Only a
+    tokenizer is needed, so the local runner and an HTTP server place the vectors identically."""
+    start = common_prefix_length(ids, ids_before)
+    end = min(common_prefix_length(ids, ids_through), start + rows)
+    if end <= start:
+        raise BackendError("the soft prompt's placeholder text has no tokens of its own in the prompt")
+    return start, end
 
 
 @dataclass(frozen=True, slots=True)

@@ -317,8 +317,10 @@ class Apo(Optimizer):
                 return arms * max(1, min(n_train, p.budget // arms))
             return min(p.budget, arms * n_train)  # successive rejects / halving spend about the budget
 
-        per_parent_requests = p.n_gradients + p.n_gradients * p.gradients_per_error + p.mc_samples_per_step * (
-            1 + p.n_gradients * p.gradients_per_error * p.steps_per_gradient
+        per_parent_requests = (
+            p.n_gradients
+            + p.n_gradients * p.gradients_per_error
+            + p.mc_samples_per_step * (1 + p.n_gradients * p.gradients_per_error * p.steps_per_gradient)
         )
         total = selection(1)
         for rnd in range(1, p.rounds + 1):

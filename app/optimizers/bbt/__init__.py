@@ -1,13 +1,18 @@
 """BBT and BBTv2 - Black-Box Tuning (Sun et al., ICML 2022; EMNLP 2022), with BBT-RGB's two-stage option.
 
-Written from the description in ALGORITHMS.md section 4, adapted to decoder LMs as its opening section decides:
+Adapted to decoder LMs (docs/methods/bbt.md). The template keeps the initial (manual) instruction in its {prompt}
+slot; its tokens are the soft prompt's placeholders: at most `prompt_length` of them, from the instruction's start.
 
-* BBT: a soft prompt of `prompt_length` vectors = A z goes in front of the rendered prompt (input embeddings);
-  CMA-ES searches z in R^d. The template keeps the initial (manual) instruction in its {prompt} slot.
-* BBTv2: a key/value prefix of `prompt_length` virtual tokens at every layer, one projection A_l and one CMA-ES
-  per layer, swept layer by layer (one generation per layer per round), the other layers held at their best.
-  The projection scale of every layer comes from that layer's clipped key/value-state statistics (the prefix
-  is keys and values, not hidden states - the embedding std would make layer 0's keys ~10x too small).
+* BBT, `insertion="add"` (default, the original method's form): A z (A a fixed random projection, CMA-ES
+  searching z in R^d) is ADDED to the input embeddings of the placeholder tokens. z = 0 is exactly the manual
+  prompt, so the search starts from it. `insertion="prepend"`: A z is `prompt_length` new vectors in front of
+  the rendered prompt (after any BOS) instead.
+* BBTv2, `insertion="add"` (default): A_l z_l is added to the placeholder tokens' hidden states before every
+  decoder layer l; A_l is scaled by layer l's clipped hidden-state std over the scoring inputs. One CMA-ES per
+  layer, swept layer by layer (one generation per layer per round), the other layers held at their best; all
+  z_l = 0 is the manual prompt. `insertion="prepend"`: a key/value prefix of `prompt_length` virtual tokens at
+  every layer, scaled by each layer's clipped key/value statistics; a not yet searched layer carries an
+  all-zero prefix, which still draws attention, so that form does not start from the manual prompt.
 * Loss: `ce` (cross-entropy over the verbalizers' first-token log-probs) or `hinge` (margin 2), on the training
   split (or a seeded subset) in one batch per generation. Reported candidate scores are train accuracy.
 * Stage 2 (BBT-RGB): COBYLA (SciPy) from the best z for `budget2` evaluations (BBTv2: split over the layers).
@@ -36,12 +41,12 @@ from app.optimizers.base import (
     OptimizerContext,
     StepReport,
     label_task_problems,
-    subset_positions,
 )
 from app.optimizers.bbt.cmaes import CmaSearch, CmaSettings
 from app.optimizers.bbt.projection import (
     ARTIFACT_VERSION,
     describe,
+    hidden_layer_vectors,
     input_projection,
     layer_vectors,
     project,
@@ -50,11 +55,21 @@ from app.optimizers.bbt.projection import (
 )
 
 HINGE_MARGIN = 2.0
-_SUBSET_PURPOSE = 411
 
 
 class BbtParams(MethodParams):
-    prompt_length: int = Field(50, ge=1, le=256, description="Soft-prompt vectors (virtual tokens) n.")
+    prompt_length: int = Field(
+        50,
+        ge=1,
+        le=256,
+        description="Soft-prompt vectors n: placeholder tokens (add: the instruction's first n tokens at most) "
+        "or virtual tokens (prepend).",
+    )
+    insertion: Literal["add", "prepend"] = Field(
+        "add",
+        description="add: vectors added to the instruction's tokens (z = 0 is the manual prompt); "
+        "prepend: new vectors (BBT) or key/value prefixes (BBTv2) in front of the prompt.",
+    )
     intrinsic_dim: int = Field(500, ge=1, le=5000, description="Dimension d of the searched z.")
     popsize: int = Field(20, ge=2, le=512, description="CMA-ES population size (lambda).")
     budget: int = Field(
@@ -108,6 +123,7 @@ class _BlackBoxTuning(Optimizer):
 
     params: BbtParams
     scorer_needs: ClassVar[frozenset[Capability]] = frozenset({Capability.LABEL_LOGPROBS})
+    subset_purpose: ClassVar[int] = 411
 
     def __init__(self, params: BbtParams, seed: int) -> None:
         super().__init__(params, seed)
@@ -115,7 +131,6 @@ class _BlackBoxTuning(Optimizer):
         self.scale: dict[str, Any] | None = None  # model geometry and projection stds, measured in step 0
         self.model_id: str | None = None
         self.instruction = ""
-        self.scoring_positions: list[int] | None = None
 
     @classmethod
     def check_task(cls, task: dict[str, Any]) -> list[tuple[list[str], str]]:
@@ -133,7 +148,6 @@ class _BlackBoxTuning(Optimizer):
             "scale": self.scale,
             "model_id": self.model_id,
             "instruction": self.instruction,
-            "scoring_positions": self.scoring_positions,
         }
 
     def _load_common(self, state: dict[str, Any]) -> None:
@@ -141,15 +155,8 @@ class _BlackBoxTuning(Optimizer):
         self.scale = state["scale"]
         self.model_id = state["model_id"]
         self.instruction = state["instruction"]
-        self.scoring_positions = state["scoring_positions"]
 
     # -- scoring ----------------------------------------------------------------------------------------
-
-    def scoring_examples(self, ctx: OptimizerContext) -> list[Example]:
-        train = ctx.evaluator.task.split_examples("train")
-        if self.scoring_positions is None:
-            self.scoring_positions = subset_positions(len(train), self.params.train_subset, self.seed, _SUBSET_PURPOSE)
-        return [train[i] for i in self.scoring_positions]
 
     async def losses(self, ctx: OptimizerContext, prompts: list, examples: list[Example]) -> list[tuple[float, float]]:
         """(loss, accuracy) of each prompt on `examples`, all prompts in one batch."""
@@ -161,6 +168,8 @@ class _BlackBoxTuning(Optimizer):
     async def score_initial(self, ctx: OptimizerContext, examples: list[Example]) -> CandidateResult:
         if not ctx.evaluator.uses_label_logprobs:
             raise ValueError("BBT needs a label task scored by label log-probs (metric label_accuracy with labels)")
+        if self.params.insertion == "add" and not ctx.initial_prompt.strip():
+            raise ValueError("the additive soft prompt needs an initial prompt: its tokens are the placeholders")
         self.instruction = ctx.initial_prompt
         self.model_id = ctx.evaluator.llm.info.model_id
         ((loss, accuracy),) = await self.losses(ctx, [ctx.initial_prompt], examples)
@@ -178,6 +187,8 @@ class _BlackBoxTuning(Optimizer):
             "intrinsic_dim": self.params.intrinsic_dim,
             "alpha": self.params.alpha,
             "sigma": self.params.sigma,
+            "insertion": self.params.insertion,
+            **({"placeholder": "instruction"} if self.params.insertion == "add" else {}),
             **{k: v for k, v in self.scale.items() if k in ("std", "stds")},
             "z": z,
             "text": self.instruction,
@@ -263,6 +274,13 @@ class Bbt(_BlackBoxTuning):
     def total_steps(self) -> int:
         return self.generations + (1 if self.params.budget2 > 0 else 0)
 
+    @classmethod
+    def expected_calls(cls, params: BbtParams, n_train: int, n_dev: int, num_layers: int = 30) -> int:
+        s, p = cls.scoring_set_size(params, n_train), params
+        evaluations = max(1, p.budget // p.popsize) * p.popsize
+        selections = 1 + evaluations // p.eval_every + 1 + (1 if p.budget2 else 0)
+        return s + (evaluations + p.budget2) * s + selections * n_dev
+
     def _state(self) -> dict[str, Any]:
         search_state = self.search.state_dict() if self.search is not None else self.search_state
         return {**self._common_state(), "search": search_state, "z": self.z}
@@ -295,27 +313,25 @@ class Bbt(_BlackBoxTuning):
             self._projection = input_projection(self.seed, p.intrinsic_dim, p.prompt_length, hidden, self.scale["std"])
         vectors = project(z, self._projection).reshape(p.prompt_length, -1)
         artifact = self.artifact([float(v) for v in z])
-        return artifact, SoftPrompt(
-            describe(artifact), self.instruction, ContinuousPrefix.of(PrefixKind.INPUT, vectors)
-        )
+        if p.insertion == "add":
+            prefix = ContinuousPrefix.of(PrefixKind.INPUT_ADD, vectors, anchor=self.instruction)
+        else:
+            prefix = ContinuousPrefix.of(PrefixKind.INPUT, vectors)
+        return artifact, SoftPrompt(describe(artifact), self.instruction, prefix)
 
-    async def step(self, ctx: OptimizerContext) -> StepReport:
-        if self.done:
-            raise RuntimeError("BBT run is already complete")
-        step = self.steps_done
+    async def initial_step(self, ctx: OptimizerContext) -> StepReport:
         examples = self.scoring_examples(ctx)
         p = self.params
-        if step == 0:
-            initial = await self.score_initial(ctx, examples)
-            # The std first: an HTTP backend knows its hidden size once it has read the embedding matrix.
-            std = projection_std(p.alpha, await ctx.evaluator.llm.embedding_std(), p.intrinsic_dim, p.sigma)
-            geometry = await ctx.evaluator.llm.model_geometry()
-            self.scale = {"geometry": geometry, "std": std}
-            self.steps_done = 1
-            return StepReport(
-                0, [initial], message=f"manual prompt scored on {len(examples)} examples; A std {std:.3g}"
-            )
+        initial = await self.score_initial(ctx, examples)
+        # The std first: an HTTP backend knows its hidden size once it has read the embedding matrix.
+        std = projection_std(p.alpha, await ctx.evaluator.llm.embedding_std(), p.intrinsic_dim, p.sigma)
+        geometry = await ctx.evaluator.llm.model_geometry()
+        self.scale = {"geometry": geometry, "std": std}
+        return StepReport(0, [initial], message=f"manual prompt scored on {len(examples)} examples; A std {std:.3g}")
 
+    async def search_step(self, ctx: OptimizerContext, step: int) -> StepReport:
+        examples = self.scoring_examples(ctx)
+        p = self.params
         if step <= self.generations:
             search = self._search()
             population = search.ask()
@@ -328,7 +344,6 @@ class Bbt(_BlackBoxTuning):
                 for (artifact, sp), (loss, acc) in zip(made, scored, strict=True)
             ]
             message = f"generation {step}/{self.generations}: best loss {min(loss for loss, _ in scored):.4f}"
-            self.steps_done += 1
             return self.report(step, candidates, message, len(population), last=step == self.generations)
 
         # Stage 2: COBYLA from the best z so far.
@@ -343,7 +358,6 @@ class Bbt(_BlackBoxTuning):
             x, loss, _ = min(tried, key=lambda t: t[1])
             if loss < self._search().best_loss:
                 self.z = [float(v) for v in x]
-        self.steps_done += 1
         return self.report(step, candidates, f"COBYLA: {len(tried)} evaluations", len(tried), last=True)
 
 
@@ -376,6 +390,14 @@ class BbtV2(_BlackBoxTuning):
         stage2 = self.num_layers if self.params.budget2 > 0 else 0
         return self.rounds * self.num_layers + stage2
 
+    @classmethod
+    def expected_calls(cls, params: BbtParams, n_train: int, n_dev: int, num_layers: int = 30) -> int:
+        s, p = cls.scoring_set_size(params, n_train), params
+        evaluations = max(1, p.budget // (p.popsize * num_layers)) * num_layers * p.popsize
+        stage2 = num_layers * max(1, p.budget2 // num_layers) if p.budget2 else 0
+        selections = 1 + evaluations // p.eval_every + 1 + (1 if p.budget2 else 0)
+        return s + (evaluations + stage2) * s + selections * n_dev
+
     def _state(self) -> dict[str, Any]:
         searches = dict(self.search_states)
         searches.update({str(layer): s.state_dict() for layer, s in self.searches.items()})
@@ -400,8 +422,14 @@ class BbtV2(_BlackBoxTuning):
 
     def _layer(self, layer: int, z: np.ndarray | list[float] | None) -> np.ndarray:
         assert self.scale is not None
-        key_std, value_std = self.scale["stds"][layer]
         zero = np.zeros(self.params.intrinsic_dim)
+        if self.params.insertion == "add":
+            hidden = self.scale["geometry"]["hidden_size"]
+            z = zero if z is None else np.asarray(z)
+            return hidden_layer_vectors(
+                self.seed, layer, z, self.params.prompt_length, hidden, self.scale["stds"][layer]
+            )
+        key_std, value_std = self.scale["stds"][layer]
         return layer_vectors(
             self.seed,
             layer,
@@ -422,23 +450,28 @@ class BbtV2(_BlackBoxTuning):
         zs = [([0.0] * self.params.intrinsic_dim if v is None else v) for v in self.z]
         zs[layer] = [float(v) for v in z]
         artifact = self.artifact(zs)
-        return artifact, SoftPrompt(describe(artifact), self.instruction, ContinuousPrefix.of(PrefixKind.DEEP, stack))
+        if self.params.insertion == "add":
+            prefix = ContinuousPrefix.of(PrefixKind.DEEP_ADD, stack, anchor=self.instruction)
+        else:
+            prefix = ContinuousPrefix.of(PrefixKind.DEEP, stack)
+        return artifact, SoftPrompt(describe(artifact), self.instruction, prefix)
 
     def _set_layer(self, layer: int, z: np.ndarray) -> None:
         self.z[layer] = [float(v) for v in z]
         self._layer_cache.pop(layer, None)
 
-    async def step(self, ctx: OptimizerContext) -> StepReport:
-        if self.done:
-            raise RuntimeError("BBTv2 run is already complete")
-        step = self.steps_done
+    async def initial_step(self, ctx: OptimizerContext) -> StepReport:
         examples = self.scoring_examples(ctx)
         p = self.params
-        if step == 0:
-            initial = await self.score_initial(ctx, examples)
-            geometry = await ctx.evaluator.llm.model_geometry()
-            # Per-layer key/value statistics over the scoring inputs as the model sees them (manual prompt).
-            texts = [ctx.evaluator.render(ctx.initial_prompt, ex) for ex in examples]
+        initial = await self.score_initial(ctx, examples)
+        geometry = await ctx.evaluator.llm.model_geometry()
+        # Per-layer statistics over the scoring inputs as the model sees them (manual prompt): of the hidden
+        # states the additive form changes, or of the keys/values the prefix form stands beside.
+        texts = [ctx.evaluator.render(ctx.initial_prompt, ex) for ex in examples]
+        if p.insertion == "add":
+            hidden = await ctx.evaluator.llm.hidden_statistics(texts)
+            stds = [projection_std(p.alpha, h, p.intrinsic_dim, p.sigma) for h in hidden]
+        else:
             kv = await ctx.evaluator.llm.kv_statistics(texts)
             stds = [
                 [
@@ -447,11 +480,13 @@ class BbtV2(_BlackBoxTuning):
                 ]
                 for k, v in kv
             ]
-            self.scale = {"geometry": geometry, "stds": stds}
-            self.z = [None] * int(geometry["num_layers"])
-            self.steps_done = 1
-            return StepReport(0, [initial], message=f"manual prompt scored on {len(examples)} examples")
+        self.scale = {"geometry": geometry, "stds": stds}
+        self.z = [None] * int(geometry["num_layers"])
+        return StepReport(0, [initial], message=f"manual prompt scored on {len(examples)} examples")
 
+    async def search_step(self, ctx: OptimizerContext, step: int) -> StepReport:
+        examples = self.scoring_examples(ctx)
+        p = self.params
         index = step - 1
         sweep_steps = self.rounds * self.num_layers
         if index < sweep_steps:
@@ -468,7 +503,6 @@ class BbtV2(_BlackBoxTuning):
             ]
             best_loss = min(loss for loss, _ in scored)
             message = f"round {round_ + 1}/{self.rounds}, layer {layer}: best loss {best_loss:.4f}"
-            self.steps_done += 1
             return self.report(step, candidates, message, len(population), last=index == sweep_steps - 1)
 
         # Stage 2: one COBYLA run per layer, from that layer's best z, the others held.
@@ -489,6 +523,5 @@ class BbtV2(_BlackBoxTuning):
             x, loss, _ = min(tried, key=lambda t: t[1])
             if loss < tried[0][1]:  # the first evaluation is the starting point itself
                 self._set_layer(layer, x)
-        self.steps_done += 1
         last = layer == self.num_layers - 1
         return self.report(step, candidates, f"COBYLA layer {layer}: {len(tried)} evaluations", len(tried), last)

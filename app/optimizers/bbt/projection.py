@@ -1,10 +1,18 @@
 """Random projections from CMA-ES's low-dimensional z to prompt vectors, and the artifact that rebuilds them.
 
 BBT (input layer): p = A z, A of shape (d, n * hidden), entries ~ N(0, (alpha * s / (sqrt(d) * sigma))^2) with
-s the std of the embedding matrix. BBTv2 (every layer, as key/value prefixes): one A_l per layer of shape
-(d, 2 * kv_heads * n * head_dim), its key half scaled by that layer's clipped key-state std and its value half
-by the value-state std. A is never stored: it is drawn from a generator seeded by (job seed, layer), so the
-artifact needs only z, the seed and the scales.
+s the std of the embedding matrix. In the "add" form p is added to the embeddings of the n placeholder tokens
+(the first n tokens of the instruction); in the "prepend" form it is n new vectors before the prompt.
+
+BBTv2 "add" form: one A_l of shape (d, n * hidden) per decoder layer, scaled by that layer's clipped
+hidden-state std; A_l z_l is added to the placeholder tokens' hidden states before layer l. "prepend" form:
+key/value prefixes, one A_l per layer of shape (d, 2 * kv_heads * n * head_dim), its key half scaled by that
+layer's clipped key-state std and its value half by the value-state std.
+
+A is never stored: it is drawn from a generator seeded by (job seed, layer), so the artifact needs only z, the
+seed, the scales and the form. Artifact versions: 1 (before the additive forms; always "prepend") still loads,
+as the prepend form it was; 2 records `insertion` ("add" or "prepend") and `placeholder` ("instruction": the
+tokens of `text` in the prompt).
 """
 
 from __future__ import annotations
@@ -21,7 +29,8 @@ from app.llm.port import ContinuousPrefix, PrefixKind
 from app.optimizers.base import derived_rng
 
 _PROJECTION_PURPOSE = 401
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2
+INSERTIONS = ("add", "prepend")
 
 
 def projection_std(alpha: float, scale: float, dim: int, sigma: float) -> float:
@@ -46,6 +55,16 @@ def layer_projection(
     return a.reshape(dim, 2 * half)
 
 
+def hidden_layer_vectors(seed: int, layer: int, z: np.ndarray, length: int, hidden: int, std: float) -> np.ndarray:
+    """BBTv2 (add form): one layer's (length, hidden) additive vectors A_l z; all zeros for z = 0 without drawing
+    A_l."""
+    if not np.any(z):
+        return np.zeros((length, hidden), dtype=np.float32)
+    rng = derived_rng(seed, _PROJECTION_PURPOSE, 1 + layer)
+    a = rng.standard_normal((len(z), length * hidden), dtype=np.float32) * np.float32(std)
+    return project(z, a).reshape(length, hidden)
+
+
 def project(z: np.ndarray, a: np.ndarray) -> np.ndarray:
     return np.asarray(z, dtype=np.float32) @ a
 
@@ -59,19 +78,38 @@ def describe(artifact: dict[str, Any]) -> str:
         if artifact["method"] == "bbt"
         else f"at each of {artifact['geometry']['num_layers']} layers"
     )
+    what = "vectors" if artifact.get("insertion", "prepend") == "prepend" else "vectors added to the instruction"
     return (
-        f"[{artifact['method']} soft prompt: {artifact['prompt_length']} vectors {where}, "
+        f"[{artifact['method']} soft prompt: {artifact['prompt_length']} {what} {where}, "
         f"d={artifact['intrinsic_dim']}, z {digest}] {artifact['text']}"
     ).rstrip()
 
 
 def soft_prompt_from_artifact(artifact: dict[str, Any]) -> SoftPrompt:
     """Rebuild the prompt vectors from an artifact (projection seed, scales and z) and wrap them for scoring."""
-    if artifact.get("version") != ARTIFACT_VERSION:
-        raise ValueError(f"unsupported artifact version {artifact.get('version')!r}")
+    version = artifact.get("version")
+    if version not in (1, ARTIFACT_VERSION):
+        raise ValueError(f"unsupported artifact version {version!r}")
+    insertion = artifact.get("insertion", "prepend") if version == ARTIFACT_VERSION else "prepend"
+    if insertion not in INSERTIONS:
+        raise ValueError(f"unsupported soft prompt insertion {insertion!r}")
     geometry = artifact["geometry"]
     dim, length = artifact["intrinsic_dim"], artifact["prompt_length"]
-    if artifact["method"] == "bbt":
+    if insertion == "add":
+        if artifact.get("placeholder") != "instruction" or not artifact["text"]:
+            raise ValueError(f"unsupported placeholder {artifact.get('placeholder')!r} for an additive soft prompt")
+        hidden = geometry["hidden_size"]
+        if artifact["method"] == "bbt":
+            a = input_projection(artifact["projection_seed"], dim, length, hidden, artifact["std"])
+            vectors = project(np.asarray(artifact["z"]), a).reshape(length, hidden)
+            prefix = ContinuousPrefix.of(PrefixKind.INPUT_ADD, vectors, anchor=artifact["text"])
+        else:
+            layers = [
+                hidden_layer_vectors(artifact["projection_seed"], layer, np.asarray(z), length, hidden, std)
+                for layer, (z, std) in enumerate(zip(artifact["z"], artifact["stds"], strict=True))
+            ]
+            prefix = ContinuousPrefix.of(PrefixKind.DEEP_ADD, np.stack(layers), anchor=artifact["text"])
+    elif artifact["method"] == "bbt":
         a = input_projection(artifact["projection_seed"], dim, length, geometry["hidden_size"], artifact["std"])
         vectors = project(np.asarray(artifact["z"]), a).reshape(length, geometry["hidden_size"])
         prefix = ContinuousPrefix.of(PrefixKind.INPUT, vectors)

