@@ -339,6 +339,35 @@ async def test_bbtv2_sweeps_layers_and_resumes(insertion):
     assert summary(head + tail) == summary(reports)
 
 
+async def test_bbtv2_additive_sweep_never_leaves_a_layer_worse_than_it_found_it():
+    """The add form starts at the manual prompt: a layer takes a sample only if it lowers the whole combination's
+    train loss, so the running loss never rises above the manual prompt's, and a layer whose samples all lose keeps
+    its zero (its z stays unset)."""
+    params = BbtV2Params(prompt_length=2, intrinsic_dim=5, popsize=4, budget=72, train_subset=4, insertion="add")
+    optimizer = BbtV2(params, seed=4)
+    ctx = make_ctx()
+    initial = (await optimizer.step(ctx)).candidates[0]
+    running = [optimizer.loss]
+    assert running[0] == initial.details["loss"]
+    kept_any = rejected_any = False
+    while not optimizer.done:
+        report = await optimizer.step(ctx)
+        best_sample = min(c.details["loss"] for c in report.candidates)
+        layer = report.candidates[0].details["layer"]
+        if optimizer.loss != running[-1]:
+            kept_any = True
+            assert optimizer.z[layer] is not None and optimizer.loss == pytest.approx(best_sample, abs=1e-6)
+        else:
+            rejected_any = True
+            assert best_sample >= running[-1] - 1e-6  # reported losses are rounded to 6 digits
+        running.append(optimizer.loss)
+    assert all(b <= a for a, b in zip(running, running[1:], strict=False))
+    assert kept_any and rejected_any  # this seed exercises both branches
+    resumed = BbtV2(params, seed=4)
+    resumed.load_state_dict(json.loads(json.dumps(optimizer.state_dict())))
+    assert resumed.loss == optimizer.loss and resumed.z == optimizer.z
+
+
 def test_bbt_params_and_task_checks():
     assert Bbt.presets["small"]["prompt_length"] < BbtParams().prompt_length
     assert BbtV2Params().sigma == 0.2 and BbtParams().sigma == 1.0

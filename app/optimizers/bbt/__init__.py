@@ -374,6 +374,8 @@ class BbtV2(_BlackBoxTuning):
         self.searches: dict[int, CmaSearch] = {}
         self.search_states: dict[str, dict] = {}
         self.z: list[list[float] | None] = []  # per layer: current best z (None: not searched yet, zero prefix)
+        # Train loss of the current combination (every layer at its z); a layer's z changes only to beat it.
+        self.loss: float | None = None
         self._layer_cache: dict[int, np.ndarray] = {}
 
     # Before step 0 the number of layers is unknown: count as if there were one (an upper bound).
@@ -401,13 +403,14 @@ class BbtV2(_BlackBoxTuning):
     def _state(self) -> dict[str, Any]:
         searches = dict(self.search_states)
         searches.update({str(layer): s.state_dict() for layer, s in self.searches.items()})
-        return {**self._common_state(), "searches": searches, "z": self.z}
+        return {**self._common_state(), "searches": searches, "z": self.z, "loss": self.loss}
 
     def _load_state(self, state: dict[str, Any]) -> None:
         self._load_common(state)
         self.search_states = dict(state["searches"])
         self.searches = {}
         self.z = state["z"]
+        self.loss = state.get("loss")  # None (also in older checkpoints): any sample is taken
         self._layer_cache = {}
 
     def _search(self, layer: int) -> CmaSearch:
@@ -482,6 +485,9 @@ class BbtV2(_BlackBoxTuning):
             ]
         self.scale = {"geometry": geometry, "stds": stds}
         self.z = [None] * int(geometry["num_layers"])
+        # The add form's all-zero start is the manual prompt; the prefix form's zero prefix is not, so there the
+        # first layer's best sample is taken whatever its loss.
+        self.loss = initial.details["loss"] if p.insertion == "add" else None
         return StepReport(0, [initial], message=f"manual prompt scored on {len(examples)} examples")
 
     async def search_step(self, ctx: OptimizerContext, step: int) -> StepReport:
@@ -496,7 +502,12 @@ class BbtV2(_BlackBoxTuning):
             made = [self.soft_prompt(layer, z) for z in population]
             scored = await self.losses(ctx, [sp for _, sp in made], examples)
             search.tell(population, [loss for loss, _ in scored])
-            self._set_layer(layer, search.best_x)
+            # Keep the layer's sample only if it beats the current combination: a fresh layer search's first
+            # best is merely the best of `popsize` random draws, and a stale one was found beside other layers.
+            i = min(range(len(scored)), key=lambda j: scored[j][0])
+            if self.loss is None or scored[i][0] < self.loss:
+                self.loss = scored[i][0]
+                self._set_layer(layer, population[i])
             candidates = [
                 self.candidate(artifact, sp, loss, acc, step, round=round_ + 1, layer=layer)
                 for (artifact, sp), (loss, acc) in zip(made, scored, strict=True)
@@ -523,5 +534,6 @@ class BbtV2(_BlackBoxTuning):
             x, loss, _ = min(tried, key=lambda t: t[1])
             if loss < tried[0][1]:  # the first evaluation is the starting point itself
                 self._set_layer(layer, x)
+                self.loss = loss
         last = layer == self.num_layers - 1
         return self.report(step, candidates, f"COBYLA layer {layer}: {len(tried)} evaluations", len(tried), last)
