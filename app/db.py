@@ -57,9 +57,38 @@ def create_engine(url: str) -> AsyncEngine:
             cursor.close()
 
         return engine
-    # No pre-ping: it is one more round trip per request; recycled connections and the worker's retries
-    # cover a restarted database.
-    return create_async_engine(url, pool_size=10, max_overflow=20, pool_recycle=1800)
+    # Pre-ping: after a database restart every pooled connection is dead, and without it the first request
+    # on each would fail. It costs one round trip per checkout.
+    return create_async_engine(url, pool_size=10, max_overflow=20, pool_recycle=1800, pool_pre_ping=True)
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """True if `exc` (or what caused it) says the database could not be reached or dropped the connection, as
+    opposed to rejecting a statement: the caller may retry once it is back."""
+    import asyncpg
+    from sqlalchemy import exc as sa_exc
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, sa_exc.DBAPIError) and current.connection_invalidated:
+            return True
+        if isinstance(current, sa_exc.TimeoutError | sa_exc.DisconnectionError):  # pool wait, lost connection
+            return True
+        if isinstance(
+            current,
+            asyncpg.PostgresConnectionError  # e.g. ConnectionDoesNotExistError
+            | asyncpg.exceptions.InterfaceError
+            | asyncpg.exceptions.OperatorInterventionError  # shutting down, starting up, crashed
+            | asyncpg.exceptions.TooManyConnectionsError
+            | ConnectionError
+            | TimeoutError
+            | OSError,
+        ):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 class Database:

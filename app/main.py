@@ -8,13 +8,15 @@ import logging
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.datasets.router import router as datasets_router
-from app.db import Database
+from app.db import Database, is_connection_error
 from app.deps import Services
 from app.errors import ServiceError
 from app.jobs.router import router as jobs_router
@@ -26,6 +28,9 @@ from app.settings import Settings
 from app.system_router import router as system_router
 
 log = logging.getLogger(__name__)
+
+# Seconds a client is told to wait when the database is unreachable (a restart or failover takes a few).
+DATABASE_RETRY_AFTER_S = 5
 
 # Runs a worker inside the API process (embedded mode) until cancelled; the entry point supplies it, so the
 # service itself never imports the worker.
@@ -65,6 +70,22 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code)
+
+    # Registered for the exception classes themselves (not only under `Exception`), so Starlette answers them
+    # without re-raising to the server, which keeps the client's keep-alive connection open.
+    async def _database_error(_: Request, exc: Exception) -> JSONResponse:
+        if is_connection_error(exc):
+            log.warning("database unreachable: %s", type(exc).__name__)
+            return JSONResponse(
+                error_body("unavailable", "the database is unavailable; retry shortly"),
+                status_code=503,
+                headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)},
+            )
+        log.exception("database error")
+        return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)
+
+    for database_exception in (SQLAlchemyError, OSError, asyncpg.PostgresError, asyncpg.exceptions.InterfaceError):
+        app.add_exception_handler(database_exception, _database_error)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -31,6 +31,10 @@ class BackendSettings(BaseModel):
     timeout_s: float = Field(default=120.0, gt=0)
     max_retries: int = Field(default=5, ge=0)
     retry_base_delay_s: float = Field(default=0.5, ge=0)
+    # While the backend is down (its circuit breaker open) jobs wait this long for it before the attempt ends
+    # and is retried later; a probe checks it every `probe_interval_s`.
+    outage_wait_s: float = Field(default=300.0, gt=0)
+    probe_interval_s: float = Field(default=1.0, gt=0)
     # Probe the server for capabilities at start-up; when false, `capabilities` is taken as given.
     probe: bool = True
     capabilities: list[str] | None = None
@@ -57,6 +61,16 @@ class QueueSettings(BaseModel):
     # Concurrent jobs per worker process.
     concurrency: int = Field(default=2, ge=1)
     retries: int = Field(default=5, ge=1)
+    # Transient faults (backend down past `outage_wait_s`, database unreachable, a stalled attempt) end the
+    # attempt; the job runs again from its last checkpoint after an exponential, jittered delay, at most
+    # `max_attempts` times in all. Anything else fails the job at once.
+    max_attempts: int = Field(default=8, ge=1)
+    retry_base_seconds: float = Field(default=2.0, gt=0)
+    retry_max_seconds: float = Field(default=120.0, gt=0)
+    # An attempt with no LLM answer and no database write for this long is ended and retried.
+    stall_seconds: float = Field(default=900.0, gt=0)
+    # How long a worker waits through a database outage (writes retried, answers kept) before the attempt ends.
+    db_outage_seconds: float = Field(default=180.0, gt=0)
 
 
 class Settings(BaseSettings):

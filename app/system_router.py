@@ -36,6 +36,14 @@ class BackendRead(BaseModel):
     capabilities: list[str]
     max_concurrency: int
     probe_error: str | None = None
+    reachable: str = Field(
+        description='A live health check from this process: "up", "down: <why>", or "n/a" (no cheap check).'
+    )
+    breaker: dict | None = Field(
+        None,
+        description="This process's circuit breaker for the backend (state, since, last_error, trips); null until "
+        "this process sends to it. Jobs wait while it is open.",
+    )
 
 
 @router.get("/v1/methods", response_model=list[MethodRead])
@@ -82,6 +90,8 @@ async def list_backends(services: ServicesDep) -> list[BackendRead]:
                 capabilities=sorted(c.value for c in info.capabilities),
                 max_concurrency=info.max_concurrency,
                 probe_error=registry.probe_error(name),
+                reachable=await registry.reachable(name),
+                breaker=registry.breaker_state(name),
             )
         )
     return out
@@ -102,8 +112,16 @@ async def readyz(services: ServicesDep) -> JSONResponse:
         except Exception as exc:
             checks[name] = f"error: {exc}"
     for name in services.registry.names:
-        error = services.registry.probe_error(name)
-        checks[f"backend:{name}"] = "ok" if error is None else f"error: {error}"
+        # A backend that is down does not make the API unready (jobs wait for it), but it is reported.
+        reachable = await services.registry.reachable(name)
+        breaker = services.registry.breaker_state(name) or {}
+        if reachable.startswith("down"):
+            checks[f"backend:{name}"] = reachable
+        elif breaker.get("state") == "open":
+            checks[f"backend:{name}"] = f"down: breaker open: {breaker.get('last_error')}"
+        else:
+            error = services.registry.probe_error(name)
+            checks[f"backend:{name}"] = "ok" if error is None or reachable == "up" else f"error: {error}"
     ready = all(v == "ok" for k, v in checks.items() if not k.startswith("backend:"))
     return JSONResponse(
         {"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503

@@ -9,6 +9,7 @@ charged in that same transaction through `charge`, so an answer is stored and pa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
@@ -16,7 +17,7 @@ from typing import Protocol
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.cache.repository import CacheRepository
-from app.db import Database
+from app.db import Database, is_connection_error
 from app.usage import Usage
 
 log = logging.getLogger(__name__)
@@ -37,16 +38,34 @@ class CacheStore(Protocol):
         """Return once everything submitted so far is durable."""
 
 
+class CacheWriteFailed(RuntimeError):
+    """Answers could not be stored (the database is unreachable) for longer than the store waits."""
+
+
 class DurableCacheStore:
-    def __init__(self, db: Database, charge: ChargeUsage | None = None) -> None:
+    """`outage_seconds`: how long `flush` waits through a database outage before it raises `CacheWriteFailed`.
+    The writer itself never gives up: what it could not write stays queued and is written once the database is
+    back (each answer stored and charged once), even after a flush has raised."""
+
+    def __init__(
+        self,
+        db: Database,
+        charge: ChargeUsage | None = None,
+        *,
+        outage_seconds: float = 180.0,
+        on_write: Callable[[], None] | None = None,
+    ) -> None:
         self.db = db
         self.charge = charge
+        self.outage_seconds = outage_seconds
+        self.on_write = on_write  # told after each durable write (progress, for the stall watchdog)
         self._rows: list[tuple[str, str, dict]] = []
         self._usage = Usage()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task | None = None
+        self._failing_since: float | None = None
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, dict]:
         async with self.db.transaction() as session:
@@ -58,13 +77,20 @@ class DurableCacheStore:
         self._usage.add(usage)
         self._idle.clear()
         self._wake.set()
-        if self._task is None:
+        if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._writer(), name="cache-writer")
 
     async def flush(self) -> None:
-        if self._task is not None and self._task.done():
-            self._task.result()  # surface a writer crash
-        await self._idle.wait()
+        if self._task is not None and self._task.done() and not self._task.cancelled():
+            self._task.result()  # surface a writer crash (a bug: the writer catches what it expects)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        while not self._idle.is_set():
+            failing = self._failing_since is not None and loop.time() - self._failing_since > self.outage_seconds
+            if failing or loop.time() - started > self.outage_seconds:
+                raise CacheWriteFailed(f"answers not stored within {self.outage_seconds:g}s: the database is down")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout=1.0)
 
     async def aclose(self) -> None:
         await self.flush()
@@ -72,26 +98,38 @@ class DurableCacheStore:
             self._task.cancel()
 
     async def _writer(self) -> None:
+        loop = asyncio.get_running_loop()
+        delay = 0.2
         while True:
             await self._wake.wait()
             self._wake.clear()
             rows, usage = self._rows, self._usage
             self._rows, self._usage = [], Usage()
             if rows or usage != Usage():
-                await self._write(rows, usage)
+                try:
+                    await self._write(rows, usage)
+                except Exception as exc:
+                    if not is_connection_error(exc):
+                        raise
+                    # Put them back in front (the order does not matter to the cache) and try again later.
+                    self._rows = rows + self._rows
+                    usage.add(self._usage)
+                    self._usage = usage
+                    if self._failing_since is None:
+                        self._failing_since = loop.time()
+                    log.warning("cache write failed (database unreachable); retrying in %.1fs", delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                    self._wake.set()
+                    continue
+                self._failing_since, delay = None, 0.2
+                if self.on_write is not None:
+                    self.on_write()
             if not self._rows and self._usage == Usage():
                 self._idle.set()
 
     async def _write(self, rows, usage: Usage) -> None:
-        for attempt in range(5):
-            try:
-                async with self.db.transaction() as session:
-                    await CacheRepository(session).put_many(rows)
-                    if self.charge is not None and usage != Usage():
-                        await self.charge(session, usage)
-                return
-            except Exception:  # the database may be restarting: retry, then give up loudly
-                if attempt == 4:
-                    raise
-                log.warning("cache write failed, retrying", exc_info=True)
-                await asyncio.sleep(0.2 * 2**attempt)
+        async with self.db.transaction() as session:
+            await CacheRepository(session).put_many(rows)
+            if self.charge is not None and usage != Usage():
+                await self.charge(session, usage)

@@ -11,7 +11,7 @@ prompt at the end. It writes through a `JobSink` and knows nothing of leases, qu
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
@@ -21,7 +21,8 @@ from app.evaluation.evaluator import Evaluator, Prompt, PromptScore
 from app.evaluation.splits import SplitSpec
 from app.evaluation.task import Example, Task
 from app.jobs.models import StopReason
-from app.llm.metered import MeteredLLM
+from app.llm.breaker import CircuitBreaker
+from app.llm.metered import MeteredLLM, OutageNotice, SendGuard
 from app.llm.port import LLMBackend
 from app.optimizers.base import CandidateResult, MethodParams, Optimizer, OptimizerContext, StepReport
 from app.optimizers.registry import METHODS
@@ -209,9 +210,21 @@ class _Meters:
     usage: Usage
     store: CacheStore | None
     lru: LRU | None = field(default=None)
+    breaker_for: Callable[[str], CircuitBreaker] | None = None
+    guard: SendGuard | None = None
+    notice: OutageNotice | None = None
 
     def __call__(self, backend: LLMBackend, budget: Budget) -> MeteredLLM:
-        return MeteredLLM(backend, usage=self.usage, budget=budget, store=self.store, lru=self.lru)
+        return MeteredLLM(
+            backend,
+            usage=self.usage,
+            budget=budget,
+            store=self.store,
+            lru=self.lru,
+            breaker=self.breaker_for(backend.name) if self.breaker_for is not None else None,
+            guard=self.guard,
+            notice=self.notice,
+        )
 
 
 class JobEngine:
@@ -227,13 +240,18 @@ class JobEngine:
         lru: LRU | None = None,
         elapsed_before: float = 0.0,
         checkpoint: dict[str, Any] | None = None,
+        breaker_for: Callable[[str], CircuitBreaker] | None = None,
+        guard: SendGuard | None = None,
+        notice: OutageNotice | None = None,
     ) -> None:
+        """`breaker_for(backend name)`: the backend's circuit breaker (jobs wait through its outages); `guard`:
+        checked before every LLM send (fencing); `notice`: told when the job starts and stops waiting."""
         self.plan = plan
         self.sink = sink
         self.usage = usage
         self.optimizer = plan.new_optimizer(checkpoint["optimizer"] if checkpoint else None)
         self.selection = Selection.from_state(checkpoint["engine"] if checkpoint else None)
-        self._meter = _Meters(usage, store, lru)
+        self._meter = _Meters(usage, store, lru, breaker_for, guard, notice)
         self._scorer = scorer
         self.search_budget = plan.search_budget(scorer, elapsed_before)
         self.evaluator = Evaluator(plan.task, self._meter(scorer, self.search_budget))

@@ -186,6 +186,18 @@ class JobRepository:
     async def heartbeat(self, job_id: str, attempt: int, lease_seconds: float) -> None:
         await self._fenced_update(job_id, attempt, lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
 
+    async def schedule_retry(self, job_id: str, attempt: int, delay_seconds: float, event: dict) -> None:
+        """End this attempt and let the job run again after `delay_seconds`: the lease is cut to that delay, so
+        the reconciler re-enqueues the job once it expires and the next attempt resumes from the checkpoint."""
+        await self._fenced_update(job_id, attempt, lease_expires_at=utcnow() + timedelta(seconds=delay_seconds))
+        await self.add_event(job_id, "retry", event)
+
+    async def count_events(self, job_id: str, type_: str) -> int:
+        result = await self.session.execute(
+            sa.select(sa.func.count()).select_from(JobEvent).where(JobEvent.job_id == job_id, JobEvent.type == type_)
+        )
+        return int(result.scalar_one())
+
     async def cancel_requested(self, job_id: str) -> bool:
         value = await self.session.execute(sa.select(Job.cancel_requested).where(Job.id == job_id))
         return bool(value.scalar_one_or_none())

@@ -9,12 +9,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 
 from app.cache.lru import LRU
 from app.cache.store import CacheStore
+from app.llm.breaker import CircuitBreaker
 from app.llm.port import (
+    BackendError,
     BackendInfo,
     Capability,
     CapabilityMissing,
@@ -26,6 +29,12 @@ from app.llm.port import (
     PrefixKind,
 )
 from app.usage import Budget, Usage
+
+# Awaited right before every send: returns once this job may call the model (e.g. its lease is known to be
+# valid), raises (e.g. LeaseLost) when it may not.
+SendGuard = Callable[[], Awaitable[None]]
+# Told about backend outages the job waits through: ("backend_down" | "backend_up", details).
+OutageNotice = Callable[[str, dict], None]
 
 PREFIX_CAPABILITY = {
     PrefixKind.INPUT: Capability.INPUT_EMBEDDINGS,
@@ -49,12 +58,18 @@ class MeteredLLM:
         budget: Budget,
         store: CacheStore | None,
         lru: LRU | None = None,
+        breaker: CircuitBreaker | None = None,
+        guard: SendGuard | None = None,
+        notice: OutageNotice | None = None,
     ) -> None:
         self.backend = backend
         self.usage = usage
         self.budget = budget
         self.store = store
         self.lru = lru if lru is not None else LRU(50_000)
+        self.breaker = breaker
+        self.guard = guard
+        self.notice = notice
 
     @property
     def info(self) -> BackendInfo:
@@ -154,9 +169,11 @@ class MeteredLLM:
         reserve_tokens = sum(token_bound(requests[i]) for i in to_send)
         self.budget.reserve(self.usage, len(to_send), reserve_tokens)
 
+        sent: list[int] = to_send
+
         def on_result(j: int, answer) -> None:
             value = _as_cacheable(answer)
-            i = to_send[j]
+            i = sent[j]
             key = keys[i]
             delta = Usage(
                 llm_calls=1, prompt_tokens=value["prompt_tokens"], completion_tokens=value["completion_tokens"]
@@ -172,7 +189,19 @@ class MeteredLLM:
                 self.store.submit(key, model_id, value, delta)
 
         try:
-            await call([requests[i] for i in to_send], on_result)
+            while True:
+                await self._before_send()
+                try:
+                    await call([requests[i] for i in sent], on_result)
+                    break
+                except BackendError as exc:
+                    if not exc.transient or self.breaker is None:
+                        raise
+                    # Wait for the backend (breaker), then send again only what was not answered.
+                    self.breaker.trip(exc)
+                    sent = [i for i in sent if results[i] is None]
+                    if not sent:
+                        break
         finally:
             self.budget.release(len(to_send), reserve_tokens)
         if self.store is not None:
@@ -181,6 +210,17 @@ class MeteredLLM:
         if missing:
             raise RuntimeError(f"backend {self.backend.name!r} did not report {len(missing)} results")
         return results  # type: ignore[return-value]
+
+    async def _before_send(self) -> None:
+        if self.breaker is not None and self.breaker.is_open:
+            name, started = self.backend.name, time.monotonic()
+            if self.notice is not None:
+                self.notice("backend_down", {"backend": name, "error": self.breaker.last_error})
+            await self.breaker.wait_closed()
+            if self.notice is not None:
+                self.notice("backend_up", {"backend": name, "waited_s": round(time.monotonic() - started, 1)})
+        if self.guard is not None:
+            await self.guard()
 
     # Derived, model-specific results (ClaPS's clustered vocabulary). Not LLM calls: nothing is metered.
     async def token_embeddings(self) -> tuple[list[str], list[str], object]:

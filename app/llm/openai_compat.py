@@ -44,6 +44,7 @@ import numpy as np
 from app.llm.port import (
     BackendError,
     BackendInfo,
+    BackendUnavailable,
     Capability,
     CapabilityMissing,
     ContinuousPrefix,
@@ -97,6 +98,11 @@ class BackendHTTPError(BackendError):
         super().__init__(message)
         self.status = status
         self.server_message = server_message
+        # A server error or "too many requests" passes; a request the server rejects will be rejected again.
+        self.transient = status in _RETRYABLE_STATUSES or status >= 500
+
+
+_RETRYABLE_STATUSES = (408, 429)
 
 
 class OpenAICompatBackend:
@@ -179,6 +185,10 @@ class OpenAICompatBackend:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+    async def health(self) -> None:
+        """One cheap request (the model list, no retries): raises while the server is down."""
+        await self._request("GET", f"{self.base_url}/models", probe=True, max_retries=0)
 
     async def __aenter__(self) -> OpenAICompatBackend:
         await self.start()
@@ -688,7 +698,7 @@ class OpenAICompatBackend:
                 else:
                     server_message = _server_message(response)
                     reason = f"HTTP {status}: {server_message}"
-                    if status not in (408, 429) and status < 500:
+                    if status not in _RETRYABLE_STATUSES and status < 500:
                         raise BackendHTTPError(
                             f"{self.name}: {method} {path} -> {reason}", status=status, server_message=server_message
                         )
@@ -697,7 +707,7 @@ class OpenAICompatBackend:
                 message = f"{self.name}: {method} {path} failed after {attempt + 1} attempt(s): {reason}"
                 if status is not None:
                     raise BackendHTTPError(message, status=status, server_message=server_message)
-                raise BackendError(message)
+                raise BackendUnavailable(message)
             if retry_after is not None:
                 delay = min(retry_after, MAX_RETRY_AFTER_S)
             else:

@@ -199,7 +199,16 @@ OnResult = Callable[[int, "Generation | LabelScores"], None]
 
 
 class BackendError(RuntimeError):
-    """The backend failed after its retries; the job fails with this message."""
+    """The backend failed after its retries. `transient` errors (unreachable, 5xx, 429) make the job wait for the
+    backend and retry; the others fail the job with this message."""
+
+    transient = False
+
+
+class BackendUnavailable(BackendError):
+    """The backend did not answer, or answered 5xx/429/408, after the per-request retries."""
+
+    transient = True
 
 
 class CapabilityMissing(BackendError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from app.llm.breaker import CircuitBreaker
 from app.llm.port import BackendInfo, Capability, LLMBackend
 from app.settings import BackendSettings, Settings
 
@@ -27,6 +28,7 @@ class BackendRegistry:
         self._backends: dict[str, LLMBackend] = dict(backends or {})
         self._started: set[str] = set()
         self._probe_errors: dict[str, str] = {}
+        self._breakers: dict[str, CircuitBreaker] = {}
         self._lock = asyncio.Lock()
 
     @property
@@ -66,6 +68,35 @@ class BackendRegistry:
                 self._probe_errors[name] = str(exc)
                 log.warning("backend %s failed its probe: %s", name, exc)
 
+    def breaker(self, name: str) -> CircuitBreaker:
+        """The backend's circuit breaker in this process (every job on it shares it)."""
+        if name not in self._breakers:
+            backend = self._backend(name)
+            config = self.settings.backends.get(name)
+            self._breakers[name] = CircuitBreaker(
+                name,
+                getattr(backend, "health", None),
+                probe_interval=config.probe_interval_s if config else 1.0,
+                max_wait=config.outage_wait_s if config else 300.0,
+            )
+        return self._breakers[name]
+
+    def breaker_state(self, name: str) -> dict | None:
+        """The breaker's state if this process has used the backend, else None."""
+        breaker = self._breakers.get(name)
+        return None if breaker is None else breaker.snapshot().public()
+
+    async def reachable(self, name: str, wait_s: float = 2.0) -> str:
+        """A live check: "up", "down: <why>", or "n/a" (a backend without a cheap health call, e.g. local)."""
+        health = getattr(self._backend(name), "health", None)
+        if health is None:
+            return "n/a"
+        try:
+            await asyncio.wait_for(health(), wait_s)
+        except Exception as exc:
+            return f"down: {str(exc)[:200] or type(exc).__name__}"
+        return "up"
+
     async def get(self, name: str) -> LLMBackend:
         backend = self._backend(name)
         if name not in self._started:
@@ -76,5 +107,7 @@ class BackendRegistry:
         return backend
 
     async def aclose(self) -> None:
+        for breaker in self._breakers.values():
+            await breaker.aclose()
         for backend in self._backends.values():
             await backend.aclose()
