@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 JobHandler = Callable[[str, Callable[[], Awaitable[None]]], Awaitable[None]]
 
 TASK_NAME = "run_job"
+NEVER_S = 10 * 365 * 24 * 3600
 
 
 class JobQueue(Protocol):
@@ -106,7 +107,11 @@ class SaqJobQueue:
             self.queue,
             functions=[(TASK_NAME, run_job)],
             concurrency=concurrency,
-            timers={"sweep": max(1, int(self.settings.reconcile_seconds)), "abort": 1},
+            # No SAQ-initiated aborts: SAQ's sweep can catch a healthy job between being moved to the active
+            # list and being marked active (and a job whose heartbeat lapsed in a database outage), abort it and
+            # run it again. Cancellation goes through the job row, and the lease makes a duplicate message
+            # harmless, so a sweep may re-queue a message but never stops a running attempt.
+            timers={"sweep": max(1, int(self.settings.reconcile_seconds)), "abort": NEVER_S},
             # The runner hands a job back (lease released) as soon as it is cancelled; no need to wait long.
             shutdown_grace_period_s=1,
         )

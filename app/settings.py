@@ -87,6 +87,8 @@ class Settings(BaseSettings):
     backends: dict[str, BackendSettings] = Field(default_factory=lambda: {"default": BackendSettings()})
     api_keys: list[str] = Field(default_factory=list)
     log_level: str = "INFO"
+    # A worker process serves its Prometheus metrics (attempts, retries, breakers) on this port when set.
+    worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
 
     @field_validator("database_url")
     @classmethod

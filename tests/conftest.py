@@ -69,13 +69,15 @@ async def _no_leftover_jobs(request):
 
 def make_settings(database_url: str, fake_base_url: str, **queue_overrides) -> Settings:
     queue = QueueSettings(
-        name=f"promptopt-test-{SESSION_TAG}",
-        lease_seconds=3.0,
-        heartbeat_seconds=0.5,
-        reconcile_seconds=0.5,
-        cancel_poll_seconds=0.2,
-        concurrency=2,
-        **queue_overrides,
+        **{
+            "name": f"promptopt-test-{SESSION_TAG}",
+            "lease_seconds": 3.0,
+            "heartbeat_seconds": 0.5,
+            "reconcile_seconds": 0.5,
+            "cancel_poll_seconds": 0.2,
+            "concurrency": 2,
+            **queue_overrides,
+        }
     )
     return Settings(
         database_url=database_url,

@@ -15,6 +15,10 @@ from workers.service import run_worker
 async def main(settings: Settings | None = None) -> None:
     settings = settings or Settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.worker_metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.worker_metrics_port)
     db = Database(settings.database_url)
     queue = SaqJobQueue(settings.redis_url, settings.queue)
     registry = BackendRegistry(settings)

@@ -28,6 +28,7 @@ from app.jobs.engine import JobEngine, JobPlan, Selection, StepRecord
 from app.jobs.faults import AttemptStalled, Fault, classify, retry_delay
 from app.jobs.models import JobStatus, StopReason
 from app.jobs.repository import JobRepository, LeaseLost, NewArtifact, NewCandidate
+from app.llm.port import SendRefused
 from app.llm.registry import BackendRegistry
 from app.metrics import ATTEMPTS, ATTEMPTS_ENDED, LEASE_LOSSES, RETRIES, STALLED
 from app.optimizers.base import instruction_hash
@@ -39,29 +40,38 @@ log = logging.getLogger(__name__)
 Heartbeat = Callable[[], Awaitable[None]]
 
 
-# The lease is trusted locally until this long before it would expire by the last renewal's send time.
+# The lease is trusted locally until this long (at most a quarter of the lease) before it would expire, counted
+# from the last renewal's send time: covers the clock drift between this host and the database's view.
 LEASE_SAFETY_SECONDS = 2.0
 
 
 class LeaseClock:
     """What this process knows about its lease, by the monotonic clock: valid until `valid_until` (counted from
-    when the last successful renewal was sent), or lost. `check` is awaited before every LLM send."""
+    when the last successful renewal was sent), or lost. The job's MeteredLLMs await it before every batch and
+    call `gate` before every request."""
 
     def __init__(self, job_id: str, lease_seconds: float, acquired_at: float) -> None:
         self.job_id = job_id
-        self.valid_until = acquired_at + lease_seconds - LEASE_SAFETY_SECONDS
+        self.safety = min(LEASE_SAFETY_SECONDS, lease_seconds / 4)
+        self.valid_until = acquired_at + lease_seconds - self.safety
         self.lost = False
         self._changed = asyncio.Event()
 
     def renewed(self, sent_at: float, lease_seconds: float) -> None:
-        self.valid_until = sent_at + lease_seconds - LEASE_SAFETY_SECONDS
+        self.valid_until = sent_at + lease_seconds - self.safety
         self._changed.set()
 
     def mark_lost(self) -> None:
         self.lost = True
         self._changed.set()
 
-    async def check(self) -> None:
+    def gate(self) -> None:
+        """Before each single request: refuse at once unless the lease is known valid now."""
+        if self.lost or time.monotonic() >= self.valid_until:
+            raise SendRefused(self.job_id)
+
+    async def __call__(self) -> None:
+        """Before each batch: return once the lease is known valid; raise LeaseLost once it is lost."""
         while True:
             if self.lost:
                 raise LeaseLost(self.job_id)
@@ -240,10 +250,18 @@ class JobRunner:
         attempt that makes no progress."""
         queue_settings = self.settings.queue
         loop = asyncio.get_running_loop()
-        next_beat = loop.time() + queue_settings.heartbeat_seconds
+        next_beat = next_queue_beat = loop.time() + queue_settings.heartbeat_seconds
         failing = False
         while not main.done():
             await asyncio.sleep(queue_settings.cancel_poll_seconds)
+            if heartbeat is not None and loop.time() >= next_queue_beat:
+                # The queue's heartbeat says "this message is being worked on"; it goes on through a database
+                # outage (the lease in the job row is what decides who may run the job).
+                next_queue_beat = loop.time() + queue_settings.heartbeat_seconds
+                try:
+                    await heartbeat()
+                except Exception:
+                    log.warning("job %s: queue heartbeat failed", attempt.job_id, exc_info=True)
             # Renew at the usual cadence, and at once whenever the lease is no longer known valid (after a failed
             # renewal or a pause of this process), so a blocked send learns its fate within a tick.
             beat_due = loop.time() >= next_beat or time.monotonic() >= attempt.lease.valid_until
@@ -260,8 +278,6 @@ class JobRunner:
                 if beat_due:
                     attempt.lease.renewed(sent_at, queue_settings.lease_seconds)
                     next_beat = loop.time() + queue_settings.heartbeat_seconds
-                    if heartbeat is not None:
-                        await heartbeat()
                 if failing:
                     log.warning("job %s: database reachable again", attempt.job_id)
                 failing = False
@@ -333,7 +349,7 @@ class JobRunner:
                 elapsed_before=job.elapsed_seconds,
                 checkpoint=state,
                 breaker_for=self.registry.breaker,
-                guard=attempt.lease.check,
+                guard=attempt.lease,
                 notice=self._notice(attempt),
             )
             outcome = await engine.run()

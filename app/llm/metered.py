@@ -10,13 +10,15 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
+from typing import Protocol
 
 from app.cache.lru import LRU
 from app.cache.store import CacheStore
 from app.llm.breaker import CircuitBreaker
 from app.llm.port import (
+    SEND_GATE,
     BackendError,
     BackendInfo,
     Capability,
@@ -27,12 +29,21 @@ from app.llm.port import (
     LabelScores,
     LLMBackend,
     PrefixKind,
+    SendRefused,
 )
 from app.usage import Budget, Usage
 
-# Awaited right before every send: returns once this job may call the model (e.g. its lease is known to be
-# valid), raises (e.g. LeaseLost) when it may not.
-SendGuard = Callable[[], Awaitable[None]]
+
+# Awaited before every batch: returns once this job may call the model (e.g. its lease is known to be valid),
+# raises (e.g. LeaseLost) when it never may again. Its `gate` (sync) is checked before each single request: it
+# raises SendRefused when the lease is not known valid right now, and the batch's unanswered rest waits for the
+# guard again.
+class SendGuard(Protocol):
+    async def __call__(self) -> None: ...
+
+    def gate(self) -> None: ...
+
+
 # Told about backend outages the job waits through: ("backend_down" | "backend_up", details).
 OutageNotice = Callable[[str, dict], None]
 
@@ -126,6 +137,13 @@ class MeteredLLM:
         return [asdict(s) for s in await self.backend.label_logprobs(requests, on_result=on_result)]
 
     async def _run(self, kind, requests, token_bound, call) -> list[dict]:
+        token = SEND_GATE.set(self.guard.gate if self.guard is not None else None)
+        try:
+            return await self._run_gated(kind, requests, token_bound, call)
+        finally:
+            SEND_GATE.reset(token)
+
+    async def _run_gated(self, kind, requests, token_bound, call) -> list[dict]:
         model_id = self.backend.info.model_id
         results: list[dict | None] = [None] * len(requests)
         keys: list[str | None] = [cache_key(model_id, kind, r) if r.deterministic else None for r in requests]
@@ -194,14 +212,16 @@ class MeteredLLM:
                 try:
                     await call([requests[i] for i in sent], on_result)
                     break
+                except SendRefused:
+                    pass  # the guard decides, before the rest is sent
                 except BackendError as exc:
                     if not exc.transient or self.breaker is None:
                         raise
                     # Wait for the backend (breaker), then send again only what was not answered.
                     self.breaker.trip(exc)
-                    sent = [i for i in sent if results[i] is None]
-                    if not sent:
-                        break
+                sent = [i for i in sent if results[i] is None]
+                if not sent:
+                    break
         finally:
             self.budget.release(len(to_send), reserve_tokens)
         if self.store is not None:

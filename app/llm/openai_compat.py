@@ -42,6 +42,7 @@ import httpx
 import numpy as np
 
 from app.llm.port import (
+    SEND_GATE,
     BackendError,
     BackendInfo,
     BackendUnavailable,
@@ -635,14 +636,24 @@ class OpenAICompatBackend:
         """Run `call` on every item under the semaphore; slots are taken in item order.
 
         Tasks are created in order and `asyncio.Semaphore` queues waiters first come, first served, so
-        request i always goes out before request i+1. The first failure cancels the rest and is raised;
-        answers already passed to `on_result` stay delivered.
+        request i always goes out before request i+1. After the first failure no further request is sent, but
+        those already in flight finish and their answers reach `on_result` (cancelling them would throw away
+        answers the server already computed, to be asked again); then the failure is raised. Cancelling the
+        caller cancels everything at once.
         """
         results: list[Any] = [None] * len(items)
+        failed = False
 
         async def one(i: int) -> None:
+            nonlocal failed
             async with self._sem:
-                result = await call(items[i])
+                if failed:
+                    return
+                try:
+                    result = await call(items[i])
+                except BaseException:
+                    failed = True
+                    raise
             results[i] = result
             if on_result is not None:
                 on_result(i, result)
@@ -651,7 +662,7 @@ class OpenAICompatBackend:
         if not tasks:
             return []
         try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            await asyncio.wait(tasks)
         finally:
             pending = [task for task in tasks if not task.done()]
             for task in pending:
@@ -677,10 +688,13 @@ class OpenAICompatBackend:
         headers = {PROBE_HEADER: "1"} if probe else None
         path = url[len(self.root_url) :] or url
         attempt = 0
+        gate = None if probe else SEND_GATE.get()
         while True:
             retry_after: float | None = None
             status: int | None = None
             server_message = ""
+            if gate is not None:
+                gate()  # raises SendRefused: this job may no longer call the model
             try:
                 response = await self._client.request(method, url, json=body, headers=headers)
             except _RETRYABLE_TRANSPORT_ERRORS as exc:

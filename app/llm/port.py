@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import hashlib
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -209,6 +210,16 @@ class BackendUnavailable(BackendError):
     """The backend did not answer, or answered 5xx/429/408, after the per-request retries."""
 
     transient = True
+
+
+class SendRefused(Exception):
+    """Raised by a send gate: this request may not leave now (the job's lease is not known to be valid)."""
+
+
+# Checked by HTTP backends right before each request leaves (set per job task by `MeteredLLM`, inherited by the
+# backend's fan-out tasks): raises `SendRefused` when the job may no longer call the model. A batch's later
+# requests are therefore stopped too, not only the batch as a whole.
+SEND_GATE: ContextVar[Callable[[], None] | None] = ContextVar("promptopt_send_gate", default=None)
 
 
 class CapabilityMissing(BackendError):

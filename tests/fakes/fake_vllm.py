@@ -283,6 +283,8 @@ class FakeVLLM:
         self._lock = threading.Lock()
         self._log: list[LoggedRequest] = []
         self._failures: list[tuple[frozenset[str], int, float | None]] = []
+        # (probability, random source): each LLM call fails with 500 with this probability.
+        self._failure_rate: tuple[float, random.Random] | None = None
         self._delays: list[tuple[frozenset[str], float]] = []
         self._gate_kinds: frozenset[str] | None = None  # None: gate open
         self._gate_left = 0
@@ -353,6 +355,11 @@ class FakeVLLM:
         with self._lock:
             self._failures.extend([(_kinds(kinds), status, retry_after)] * n)
 
+    def fail_randomly(self, rate: float, *, seed: int = 0) -> None:
+        """From now on each LLM call answers 500 with probability `rate` (seeded; 0 turns it off)."""
+        with self._lock:
+            self._failure_rate = (rate, random.Random(seed)) if rate > 0 else None
+
     def delay_next(self, n: int, seconds: float, *, kinds: KindFilter = None) -> None:
         """Sleep `seconds` before answering each of the next `n` requests of `kinds` (on top of latency_s)."""
         with self._lock:
@@ -386,6 +393,7 @@ class FakeVLLM:
         with self._lock:
             self._log.clear()
             self._failures.clear()
+            self._failure_rate = None
             self._delays.clear()
             self._max_in_flight = self._in_flight
         self.latency_s, self.responder = self._initial_knobs
@@ -490,6 +498,10 @@ class FakeVLLM:
                     delay += self._delays.pop(index)[1]
                 index = next((i for i, (kinds, _, _) in enumerate(self._failures) if kind in kinds), None)
                 failure = self._failures.pop(index) if index is not None else None
+                if failure is None and self._failure_rate is not None and kind in LLM_KINDS:
+                    rate, rng = self._failure_rate
+                    if rng.random() < rate:
+                        failure = (frozenset(), 500, None)
             if delay > 0:
                 await asyncio.sleep(delay)
             if failure is not None:
