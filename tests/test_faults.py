@@ -14,6 +14,7 @@ import time
 import asyncpg
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 
 from app.jobs.faults import Fault, classify, retry_delay
 from app.jobs.repository import JobRepository
@@ -171,6 +172,10 @@ async def test_jobs_succeed_under_5xx_and_connection_resets(database_url, fake_l
     assert sum(j["usage"]["llm_calls"] for j in jobs) == fake_llm.count(LLM_KINDS, completed_only=True)
     kinds = [kind for job_id in ids for kind, _ in await events_of(job_id)]
     assert "backend_down" in kinds and "backend_up" in kinds  # some requests ran out of per-request retries
+    # The worker ran in this process: its metrics are in this process's registry.
+
+    assert REGISTRY.get_sample_value("promptopt_backend_trips_total", {"backend": "default"}) >= 1
+    assert REGISTRY.get_sample_value("promptopt_backend_up", {"backend": "default"}) == 1
 
 
 async def test_job_waits_while_the_llm_server_is_down(database_url, fake_llm, tmp_path):
@@ -325,4 +330,83 @@ async def test_saq_sweep_never_aborts_a_healthy_attempt(app_client, settings, fa
         await asyncio.sleep(2.5)  # SAQ's abort poll (every second before the fix) would have cancelled it
         fake_llm.release()
         job = await wait_for_status(app_client, job_id, {"succeeded", "failed", "cancelled"}, wait_s=120)
+    assert job["status"] == "succeeded" and job["attempts"] == 1, job
+
+
+async def test_a_stalled_attempt_is_ended_and_retried(database_url, fake_llm, tmp_path):
+    """The LLM server accepts requests and never answers: no answer and no write for `stall_seconds`, so the
+    attempt is ended and the job retried; once the server answers again the job finishes."""
+    settings = fault_settings(database_url, fake_llm.base_url, stall_seconds=2.0)
+    async with api(settings) as client, running_worker(settings):
+        fake_llm.hold_after(10)
+        body = label_job(initial_prompt=f"Relate the sentences {tmp_path.name}.")
+        job_id = (await client.post("/v1/jobs", json=body)).json()["id"]
+        await fake_llm.wait_held(1, wait_s=60)
+        deadline = time.monotonic() + 30
+        while not any(kind == "retry" for kind, _ in await events_of(job_id)):
+            assert time.monotonic() < deadline, await events_of(job_id)
+            await asyncio.sleep(0.2)
+        fake_llm.release()
+        job = await wait_for_status(client, job_id, {"succeeded", "failed"}, wait_s=120)
+    assert job["status"] == "succeeded" and job["attempts"] == 2, job
+    retries = [data for kind, data in await events_of(job_id) if kind == "retry"]
+    assert retries[0]["cause"] == "stalled"
+    # The worker ran in this process: its metrics are in this process's registry.
+
+    assert REGISTRY.get_sample_value("promptopt_stalled_attempts_total") >= 1
+
+
+async def test_cache_writer_keeps_answers_through_an_outage_and_flush_is_bounded(database_url, db):
+    """Answers submitted while Postgres is unreachable are kept, a flush gives up after `outage_seconds` with
+    CacheWriteFailed instead of waiting forever, and once the database is back every answer is stored and its
+    usage charged exactly once."""
+    from app.cache.repository import CacheRepository
+    from app.cache.store import CacheWriteFailed, DurableCacheStore
+    from app.db import Database
+
+    charged: list[Usage] = []
+
+    async def charge(session, usage: Usage) -> None:
+        charged.append(usage)
+
+    with FaultProxy("127.0.0.1", 5432) as pg:
+        proxied = Database(through(pg, database_url, 5432))
+        store = DurableCacheStore(proxied, charge, outage_seconds=1.0)
+        try:
+            keys = [f"outage-test-{time.time_ns()}-{i}" for i in range(5)]
+            store.submit(keys[0], "m", {"v": 0}, Usage(llm_calls=1))
+            await store.flush()
+            pg.cut()
+            for i, key in enumerate(keys[1:], start=1):
+                store.submit(key, "m", {"v": i}, Usage(llm_calls=1))
+            started = time.monotonic()
+            with pytest.raises(CacheWriteFailed):
+                await store.flush()
+            assert time.monotonic() - started < 5
+            pg.restore()
+            await store.flush()
+        finally:
+            await store.aclose()
+            await proxied.dispose()
+    async with db.transaction() as session:
+        found = await CacheRepository(session).get_many(keys)
+    assert sorted(v["v"] for v in found.values()) == [0, 1, 2, 3, 4]
+    assert sum(u.llm_calls for u in charged) == 5
+
+
+async def test_job_survives_redis_cut_mid_job(database_url, fake_llm, tmp_path):
+    """Redis (the queue) unreachable for 5 s while a job runs: the attempt goes on (Postgres holds the lease)."""
+    with FaultProxy("127.0.0.1", 6379) as redis_proxy:
+        settings = fault_settings(database_url, fake_llm.base_url)
+        settings.redis_url = settings.redis_url.replace("127.0.0.1:6379", f"127.0.0.1:{redis_proxy.port}")
+        async with api(settings) as client, running_worker(settings):
+            fake_llm.hold_after(20)
+            body = label_job(initial_prompt=f"Relate the sentences {tmp_path.name}.")
+            job_id = (await client.post("/v1/jobs", json=body)).json()["id"]
+            await fake_llm.wait_held(1, wait_s=60)
+            redis_proxy.cut()
+            fake_llm.release()
+            await asyncio.sleep(5)
+            redis_proxy.restore()
+            job = await wait_for_status(client, job_id, {"succeeded", "failed"}, wait_s=120)
     assert job["status"] == "succeeded" and job["attempts"] == 1, job

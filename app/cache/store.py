@@ -66,6 +66,7 @@ class DurableCacheStore:
         self._idle.set()
         self._task: asyncio.Task | None = None
         self._failing_since: float | None = None
+        self._retry_now = asyncio.Event()  # a flush cuts the writer's backoff short
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, dict]:
         async with self.db.transaction() as session:
@@ -85,9 +86,10 @@ class DurableCacheStore:
             self._task.result()  # surface a writer crash (a bug: the writer catches what it expects)
         loop = asyncio.get_running_loop()
         started = loop.time()
+        if self._failing_since is not None:
+            self._retry_now.set()  # try again now rather than after the writer's backoff
         while not self._idle.is_set():
-            failing = self._failing_since is not None and loop.time() - self._failing_since > self.outage_seconds
-            if failing or loop.time() - started > self.outage_seconds:
+            if loop.time() - started > self.outage_seconds:
                 raise CacheWriteFailed(f"answers not stored within {self.outage_seconds:g}s: the database is down")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout=1.0)
@@ -118,7 +120,9 @@ class DurableCacheStore:
                     if self._failing_since is None:
                         self._failing_since = loop.time()
                     log.warning("cache write failed (database unreachable); retrying in %.1fs", delay)
-                    await asyncio.sleep(delay)
+                    self._retry_now.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._retry_now.wait(), timeout=delay)
                     delay = min(delay * 2, 5.0)
                     self._wake.set()
                     continue
