@@ -410,3 +410,17 @@ async def test_job_survives_redis_cut_mid_job(database_url, fake_llm, tmp_path):
             redis_proxy.restore()
             job = await wait_for_status(client, job_id, {"succeeded", "failed"}, wait_s=120)
     assert job["status"] == "succeeded" and job["attempts"] == 1, job
+
+
+async def test_a_worker_that_starts_while_the_llm_server_is_down_waits_for_it(database_url, fake_llm, tmp_path):
+    with FaultProxy("127.0.0.1", fake_port(fake_llm)) as proxy:
+        settings = fault_settings(database_url, through(proxy, fake_llm.base_url, fake_port(fake_llm)))
+        proxy.cut()
+        async with api(settings) as client, running_worker(settings):
+            body = label_job(initial_prompt=f"Relate the sentences {tmp_path.name}.")
+            job_id = (await client.post("/v1/jobs", json=body)).json()["id"]
+            await asyncio.sleep(3)
+            assert (await client.get(f"/v1/jobs/{job_id}")).json()["status"] == "running"
+            proxy.restore()
+            job = await wait_for_status(client, job_id, {"succeeded", "failed"}, wait_s=120)
+    assert job["status"] == "succeeded" and job["attempts"] == 1, job

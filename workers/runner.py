@@ -341,8 +341,8 @@ class JobRunner:
             engine = JobEngine(
                 plan,
                 RepositorySink(self.db, attempt, queue_settings.db_outage_seconds),
-                scorer=await self.registry.get(plan.scorer_backend),
-                optimizer_llm=await self.registry.get(plan.optimizer_backend),
+                scorer=await self.registry.get_when_up(plan.scorer_backend),
+                optimizer_llm=await self.registry.get_when_up(plan.optimizer_backend),
                 usage=usage,
                 store=store,
                 lru=self.lru,

@@ -6,7 +6,7 @@ import asyncio
 import logging
 
 from app.llm.breaker import CircuitBreaker
-from app.llm.port import BackendInfo, Capability, LLMBackend
+from app.llm.port import BackendError, BackendInfo, Capability, LLMBackend
 from app.settings import BackendSettings, Settings
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,19 @@ class BackendRegistry:
                     await backend.start()
                     self._started.add(name)
         return backend
+
+    async def get_when_up(self, name: str) -> LLMBackend:
+        """`get`, but a backend that cannot be reached at start-up is waited for through its breaker (up to its
+        `outage_wait_s`) instead of failing at once: a worker that starts during an outage waits it out."""
+        breaker = self.breaker(name)
+        while True:
+            await breaker.wait_closed()
+            try:
+                return await self.get(name)
+            except BackendError as exc:
+                if not exc.transient:
+                    raise
+                breaker.trip(exc)
 
     async def aclose(self) -> None:
         for breaker in self._breakers.values():
