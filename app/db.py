@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -44,6 +46,10 @@ class UTCDateTime(sa.types.TypeDecorator):
         return value
 
 
+CONNECT_TIMEOUT_S = 5.0
+IDLE_IN_TRANSACTION_TIMEOUT_MS = 20_000
+
+
 def create_engine(url: str) -> AsyncEngine:
     if url.startswith("sqlite"):
         engine = create_async_engine(url, connect_args={"timeout": 30})
@@ -59,7 +65,28 @@ def create_engine(url: str) -> AsyncEngine:
         return engine
     # Pre-ping: after a database restart every pooled connection is dead, and without it the first request
     # on each would fail. It costs one round trip per checkout.
-    return create_async_engine(url, pool_size=10, max_overflow=20, pool_recycle=1800, pool_pre_ping=True)
+    # A connect timeout well below asyncpg's 60 s: behind a partition (no RST) the workers' heartbeat and the API
+    # must learn that the database is unreachable within seconds.
+    return create_async_engine(
+        url,
+        pool_size=10,
+        max_overflow=20,
+        pool_recycle=1800,
+        pool_pre_ping=True,
+        pool_timeout=10,
+        connect_args={
+            "timeout": CONNECT_TIMEOUT_S,
+            # A process paused inside a transaction (SIGSTOP, a frozen VM) would hold its row locks, e.g. on the
+            # job row, and block the lease takeover for as long as it sleeps; the server ends such a session.
+            "server_settings": {"idle_in_transaction_session_timeout": str(IDLE_IN_TRANSACTION_TIMEOUT_MS)},
+        },
+    )
+
+
+_NETWORK_ERRNOS = frozenset(
+    {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EHOSTUNREACH, errno.ENETUNREACH,
+     errno.ETIMEDOUT, errno.EPIPE, errno.ENOTCONN}
+)  # fmt: skip
 
 
 def is_connection_error(exc: BaseException) -> bool:
@@ -84,8 +111,10 @@ def is_connection_error(exc: BaseException) -> bool:
             | asyncpg.exceptions.TooManyConnectionsError
             | ConnectionError
             | TimeoutError
-            | OSError,
+            | socket.gaierror,
         ):
+            return True
+        if isinstance(current, OSError) and current.errno in _NETWORK_ERRNOS:
             return True
         current = current.__cause__ or current.__context__
     return False

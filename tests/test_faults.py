@@ -282,7 +282,9 @@ async def test_a_paused_worker_that_lost_its_lease_sends_nothing(app_client, set
             await asyncio.sleep(0.05)
         os.kill(worker.pid, signal.SIGSTOP)
         await asyncio.sleep(settings.queue.lease_seconds + 1)
-        async with db.transaction() as session:  # another worker's attempt takes the expired lease
+        # Another worker's attempt takes the expired lease. If the paused worker was inside a transaction on the
+        # job row, the server ends its session after idle_in_transaction_session_timeout and the takeover goes on.
+        async with db.transaction() as session:
             taken = await JobRepository(session).acquire_lease(job_id, worker_id="other", lease_seconds=600)
         assert taken is not None and taken.attempts == 2
         await asyncio.sleep(0.5)  # answers to requests already in flight arrive; they were sent before
