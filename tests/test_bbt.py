@@ -371,6 +371,8 @@ async def test_bbtv2_additive_sweep_never_leaves_a_layer_worse_than_it_found_it(
 def test_bbt_params_and_task_checks():
     assert Bbt.presets["small"]["prompt_length"] < BbtParams().prompt_length
     assert BbtV2Params().sigma == 0.2 and BbtParams().sigma == 1.0
+    # Defaults chosen by the dbpedia16 benchmark (README): prepend won for BBT, add for BBTv2.
+    assert BbtParams().insertion == "prepend" and BbtV2Params().insertion == "add"
     problems = Bbt.check_task({"metric": "exact_match", "labels": None})
     assert problems and problems[0][0] == ["metric"]
     assert Bbt.check_task({"metric": "label_accuracy", "labels": ["a", "b"]}) == []
