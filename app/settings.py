@@ -103,6 +103,19 @@ class Settings(BaseSettings):
                 return driver + value[len(plain) :]
         return value
 
+    def to_env(self) -> dict[str, str]:
+        """These settings as PROMPTOPT_* environment variables (for worker subprocesses)."""
+        import json
+
+        return {
+            "PROMPTOPT_DATABASE_URL": self.database_url,
+            "PROMPTOPT_REDIS_URL": self.redis_url,
+            "PROMPTOPT_QUEUE_BACKEND": self.queue_backend,
+            "PROMPTOPT_QUEUE": self.queue.model_dump_json(),
+            "PROMPTOPT_BACKENDS": json.dumps({k: v.model_dump() for k, v in self.backends.items()}),
+            "PROMPTOPT_DATA_DIR": str(self.data_dir),
+        }
+
     @property
     def model_cache_dir(self) -> Path:
         return self.data_dir / "models"

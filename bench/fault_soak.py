@@ -110,15 +110,7 @@ def soak_settings(database_url: str, redis_url: str, llm_url: str, queue_name: s
 
 
 def worker_env(settings: Settings) -> dict[str, str]:
-    return {
-        **os.environ,
-        "PROMPTOPT_DATABASE_URL": settings.database_url,
-        "PROMPTOPT_REDIS_URL": settings.redis_url,
-        "PROMPTOPT_QUEUE_BACKEND": settings.queue_backend,
-        "PROMPTOPT_QUEUE": settings.queue.model_dump_json(),
-        "PROMPTOPT_BACKENDS": json.dumps({k: v.model_dump() for k, v in settings.backends.items()}),
-        "PROMPTOPT_LOG_LEVEL": "INFO",
-    }
+    return {**os.environ, **settings.to_env(), "PROMPTOPT_LOG_LEVEL": "INFO"}
 
 
 def soak_job(i: int, tag: str) -> dict:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import time
 import uuid
@@ -93,14 +92,7 @@ def make_settings(database_url: str, fake_base_url: str, **queue_overrides) -> S
 
 def settings_env(settings: Settings) -> dict[str, str]:
     """The same settings as environment variables, for worker subprocesses."""
-    return {
-        "PROMPTOPT_DATABASE_URL": settings.database_url,
-        "PROMPTOPT_REDIS_URL": settings.redis_url,
-        "PROMPTOPT_QUEUE_BACKEND": settings.queue_backend,
-        "PROMPTOPT_QUEUE": settings.queue.model_dump_json(),
-        "PROMPTOPT_BACKENDS": json.dumps({k: v.model_dump() for k, v in settings.backends.items()}),
-        "PROMPTOPT_DATA_DIR": str(settings.data_dir),
-    }
+    return settings.to_env()
 
 
 @pytest.fixture
