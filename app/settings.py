@@ -21,8 +21,16 @@ def default_data_dir() -> Path:
 
 class BackendSettings(BaseModel):
     kind: Literal["local", "openai_compat"] = "local"
-    # Requests in flight at once per worker process (HTTP) / examples per forward pass (local).
-    max_concurrency: int = Field(default=32, ge=1, le=4096)
+    # openai_compat: sequences (prompts, or samples of a prompt) in flight at the server from all workers together;
+    # each worker process takes its share. vLLM runs up to `--max-num-seqs` per step (256 on most GPUs, 1024 on
+    # H100/H200): match it. (The local runner batches by `batch_size` instead.)
+    max_concurrency: int = Field(default=256, ge=1, le=8192)
+    # Label-scoring prompts sent in one /v1/completions request (a prompt list; 1 where the probe finds the server
+    # takes only single prompts). Fewer, larger requests cost the worker far less CPU per prompt.
+    prompts_per_request: int = Field(default=16, ge=1, le=1024)
+    # Read the server's queue (vLLM /metrics: running, waiting) and shrink the in-flight limit while many requests
+    # wait there, grow it back while none do.
+    adapt_to_server_queue: bool = True
 
     # openai_compat
     base_url: str | None = None

@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 from fastapi.responses import JSONResponse
 
-from app.llm.openai_compat import PROBE_HEADER, BackendHTTPError, OpenAICompatBackend, _retry_after
+from app.llm.inflight import InFlightLimit, QueueFeedback, parse_vllm_queue
+from app.llm.openai_compat import PROBE_HEADER, BackendHTTPError, OpenAICompatBackend, parse_retry_after
+from app.llm.openai_compat.responses import split_total
 from app.llm.port import (
+    SEND_GATE,
     BackendError,
     Capability,
     CapabilityMissing,
@@ -25,6 +28,7 @@ from app.llm.port import (
     LabelScores,
     LLMBackend,
     PrefixKind,
+    SendRefused,
 )
 from app.settings import BackendSettings
 from tests.fakes import FakeVLLMServer, free_port
@@ -66,7 +70,7 @@ async def test_probe_with_logprob_token_ids(fake):
     assert isinstance(backend, LLMBackend)
     # Before the probe: conservative.
     assert backend.info.capabilities == frozenset({Capability.GENERATE})
-    assert backend.info.kind == "openai_compat" and backend.info.max_concurrency == 32
+    assert backend.info.kind == "openai_compat" and backend.info.max_concurrency == 256
     await backend.start()
     await backend.start()  # idempotent
     info = backend.info
@@ -77,7 +81,9 @@ async def test_probe_with_logprob_token_ids(fake):
     # Probes are flagged, so they do not count as LLM calls.
     assert fake.count() == 0
     probes = fake.requests(("models", "completions", "tokenize"), include_probes=True)
-    assert [r.kind for r in probes] == ["models", "completions", "tokenize", "completions"]
+    # model list, log-probs, tokenize, logprob_token_ids, a prompt list
+    assert [r.kind for r in probes] == ["models", "completions", "tokenize", "completions", "completions"]
+    assert info.detail["prompts_per_request"] == 16
     assert all(r.probe for r in probes)
     assert all("prompt_logprobs" not in r.body for r in probes)
     await backend.aclose()
@@ -331,36 +337,24 @@ async def test_timeout_is_retried(fake):
     await backend.aclose()
 
 
-class StartOnRefusal(httpx.AsyncBaseTransport):
-    """A real transport that starts the server once the first connection was refused."""
-
-    def __init__(self, server: FakeVLLMServer) -> None:
-        self.server = server
-        self.refused = 0
-        self.inner = httpx.AsyncHTTPTransport()
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        try:
-            return await self.inner.handle_async_request(request)
-        except httpx.ConnectError:
-            self.refused += 1
-            self.server.start()
-            raise
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-
 async def test_connection_refused_is_retried():
+    """The server comes up only after the first attempt was refused: the retry reaches it."""
     server = FakeVLLMServer(port=free_port())
-    transport = StartOnRefusal(server)
-    backend = OpenAICompatBackend("test", settings_for(server.base_url, model="fake-model"), transport=transport)
+    backend = OpenAICompatBackend("test", settings_for(server.base_url, model="fake-model", retry_base_delay_s=0.2))
+
+    async def start_after_a_refusal() -> None:
+        while backend._transport.failed_attempts == 0:  # noqa: SLF001, ASYNC110
+            await asyncio.sleep(0.005)
+        await asyncio.to_thread(server.start)
+
+    starter = asyncio.create_task(start_after_a_refusal())
     try:
         (result,) = await backend.generate([GenerationRequest("hello")])  # starts (probes) lazily
         assert result.texts
-        assert transport.refused == 1
+        assert backend._transport.failed_attempts >= 1  # noqa: SLF001
         assert server.count("chat", completed_only=True) == 1
     finally:
+        starter.cancel()
         await backend.aclose()
         server.stop()
 
@@ -369,7 +363,7 @@ async def test_connection_refused_until_retries_run_out():
     url = f"http://127.0.0.1:{free_port()}/v1"
     backend = OpenAICompatBackend("test", settings_for(url, probe=False, model="m", max_retries=2))
     began = time.monotonic()
-    with pytest.raises(BackendError, match="after 3 attempt.*ConnectError"):
+    with pytest.raises(BackendError, match="after 3 attempt.*Cannot connect"):
         await backend.generate([GenerationRequest("hello")])
     assert time.monotonic() - began < 2.0
     await backend.aclose()
@@ -401,10 +395,13 @@ async def test_label_scores_by_token_ids(fake):
         assert isinstance(score, LabelScores)
         assert score.logprobs == pytest.approx(fake.expected_label_logprobs(prompt, VERBALIZERS))
         assert score.completion_tokens == 1
-        assert score.prompt_tokens == len(fake.toy.encode(prompt, add_special_tokens=True))
+    # One request carried every prompt; its usage is split over them and adds up to the server's count.
+    assert sum(s.prompt_tokens for s in scores) == sum(
+        len(fake.toy.encode(prompt, add_special_tokens=True)) for prompt in PROMPTS
+    )
     # Every read is one position with the named ids; never prompt_logprobs.
     bodies = [r.body for r in fake.requests("completions")]
-    assert len(bodies) == len(PROMPTS)
+    assert len(bodies) == 1 and bodies[0]["prompt"] == PROMPTS and fake.count("completions") == len(PROMPTS)
     for body in bodies:
         assert body["max_tokens"] == 1 and body["temperature"] == 0 and "prompt_logprobs" not in body
         assert len(body["logprob_token_ids"]) == len(VERBALIZERS)
@@ -469,9 +466,9 @@ async def test_scripted_label_logprobs(fake):
 
 
 def test_retry_after_parsing():
-    assert _retry_after("2") == 2.0 and _retry_after("0.5") == 0.5
-    assert _retry_after(None) is None and _retry_after("soon") is None
-    assert _retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past
+    assert parse_retry_after("2") == 2.0 and parse_retry_after("0.5") == 0.5
+    assert parse_retry_after(None) is None and parse_retry_after("soon") is None
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past
 
 
 def test_count_tokens_upper_bound():
@@ -565,3 +562,149 @@ def test_fake_runs_as_a_process():
     finally:
         process.terminate()
         process.wait(10)
+
+
+# ---------------------------------------------------------------------- batching, in-flight limit, send gate
+
+
+async def test_label_requests_are_batched_in_order(fake):
+    backend = await started(fake, prompts_per_request=4)
+    prompts = [f"Review: film {i}\nSentiment:" for i in range(10)]
+    seen: list[int] = []
+    scores = await backend.label_logprobs(
+        [LabelScoreRequest(p, VERBALIZERS) for p in prompts], on_result=lambda i, s: seen.append(i)
+    )
+    bodies = [r.body["prompt"] for r in fake.requests("completions")]
+    assert bodies == [prompts[0:4], prompts[4:8], prompts[8:10]]
+    assert sorted(seen) == list(range(10)) and fake.count("completions") == 10
+    for prompt, score in zip(prompts, scores, strict=True):
+        assert score.logprobs == pytest.approx(fake.expected_label_logprobs(prompt, VERBALIZERS))
+    await backend.aclose()
+
+
+async def test_a_server_without_prompt_lists_gets_one_prompt_a_request():
+    with FakeVLLMServer(supports_prompt_lists=False) as fake:
+        backend = await started(fake)
+        assert backend.info.detail["prompts_per_request"] == 1
+        prompts = [f"Review: film {i}\nSentiment:" for i in range(5)]
+        scores = await backend.label_logprobs([LabelScoreRequest(p, VERBALIZERS) for p in prompts])
+        assert [r.body["prompt"] for r in fake.requests("completions")] == prompts
+        assert scores[3].logprobs == pytest.approx(fake.expected_label_logprobs(prompts[3], VERBALIZERS))
+        await backend.aclose()
+
+
+async def test_the_limit_counts_prompts_not_requests(fake):
+    backend = await started(fake, max_concurrency=8, prompts_per_request=4)
+    fake.latency_s = 0.05
+    await backend.label_logprobs([LabelScoreRequest(f"p{i}", VERBALIZERS) for i in range(40)])
+    assert fake.max_in_flight == 2  # two requests of 4 prompts each
+    await backend.aclose()
+
+
+async def test_a_closed_send_gate_stops_requests_before_they_leave(fake):
+    """The job's gate is checked as each request is written: once it refuses, nothing more reaches the server."""
+    backend = await started(fake, max_concurrency=1)
+    allowed = 3
+
+    def gate() -> None:
+        nonlocal allowed
+        if allowed == 0:
+            raise SendRefused("lease not known valid")
+        allowed -= 1
+
+    token = SEND_GATE.set(gate)
+    try:
+        with pytest.raises(SendRefused):
+            await backend.generate([GenerationRequest(f"q{i}") for i in range(6)])
+    finally:
+        SEND_GATE.reset(token)
+    assert fake.count("chat") == 3
+    await backend.aclose()
+
+
+async def test_the_limit_follows_the_server_queue(fake):
+    """vLLM reports many requests waiting: the limit shrinks; then none waiting while we use it all: it grows."""
+    backend = await started(fake, max_concurrency=64, prompts_per_request=1)
+    fake.latency_s = 0.3
+    fake.queue_gauges = (64, 200)
+    batch = [LabelScoreRequest(f"p{i}", VERBALIZERS) for i in range(300)]
+    await backend.label_logprobs(batch)
+    shrunk = backend.concurrency_limit
+    assert fake.metrics_reads >= 1 and shrunk < 64
+    fake.queue_gauges = (shrunk, 0)
+    await backend.label_logprobs([LabelScoreRequest(f"q{i}", VERBALIZERS) for i in range(300)])
+    assert backend.concurrency_limit > shrunk
+    await backend.aclose()
+
+
+async def test_without_queue_metrics_the_limit_stays(fake):
+    backend = await started(fake, max_concurrency=16, prompts_per_request=1)
+    fake.latency_s = 0.05
+    await backend.label_logprobs([LabelScoreRequest(f"p{i}", VERBALIZERS) for i in range(40)])
+    await asyncio.sleep(0.1)
+    assert backend.concurrency_limit == 16 and fake.max_in_flight == 16
+    await backend.aclose()
+
+
+def test_usage_split_adds_up():
+    assert split_total(10, [1, 1, 1]) == [4, 3, 3] or sorted(split_total(10, [1, 1, 1])) == [3, 3, 4]
+    assert sum(split_total(97, [5, 50, 3, 0])) == 97
+    assert split_total(0, [2, 3]) == [0, 0] and split_total(5, []) == []
+
+
+async def test_in_flight_limit_is_weighted_fifo_and_resizable():
+    limit = InFlightLimit(4)
+    order: list[str] = []
+
+    async def take(name: str, weight: int, hold: float) -> None:
+        taken = await limit.acquire(weight)
+        order.append(name)
+        await asyncio.sleep(hold)
+        limit.release(taken)
+
+    tasks = [
+        asyncio.create_task(take("a3", 3, 0.05)),
+        asyncio.create_task(take("b2", 2, 0.01)),  # does not fit beside a3: waits
+        asyncio.create_task(take("c1", 1, 0.01)),  # would fit, but must not overtake b2
+        asyncio.create_task(take("d9", 9, 0.01)),  # cut to the limit, never waits forever
+    ]
+    await asyncio.gather(*tasks)
+    assert order == ["a3", "b2", "c1", "d9"] and limit.in_flight == 0
+    limit.set_limit(1)
+    first = await limit.acquire(1)
+    waiter = asyncio.create_task(limit.acquire(1))
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    limit.set_limit(2)  # growing lets it in
+    await asyncio.wait_for(waiter, 1)
+    limit.release(first)
+    limit.release(waiter.result())
+    cancelled = asyncio.create_task(limit.acquire(5))  # 5 -> cut to 2, fits
+    await cancelled
+    blocked = asyncio.create_task(limit.acquire(1))
+    await asyncio.sleep(0.01)
+    blocked.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await blocked
+    limit.release(cancelled.result())
+    assert limit.in_flight == 0 and limit.waiting == 0
+
+
+def test_queue_feedback_and_parsing():
+    page = (
+        "# HELP vllm:num_requests_running x\n"
+        'vllm:num_requests_running{model_name="m"} 250.0\n'
+        'vllm:num_requests_waiting{model_name="m"} 120.0\n'
+        'vllm:num_requests_waiting_by_reason{reason="x"} 5.0\n'
+    )
+    assert parse_vllm_queue(page) == (250.0, 125.0)
+    assert parse_vllm_queue("promptopt_x 1\n") is None
+    feedback = QueueFeedback(256, floor=8)
+    assert feedback.update(250, 120, 256) < 256  # a long queue at the server: back off
+    low = feedback.limit
+    assert feedback.update(250, 0, low) > low  # nothing waits and we use it all: grow
+    for _ in range(100):
+        feedback.update(250, 0, feedback.limit)
+    assert feedback.limit == 256  # never above the ceiling (this worker's share)
+    feedback.set_ceiling(100)
+    assert feedback.limit == 100

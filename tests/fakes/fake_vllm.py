@@ -224,6 +224,12 @@ class LoggedRequest:
     started_at: float = 0.0
     finished_at: float | None = None
 
+    @property
+    def prompts(self) -> int:
+        """LLM calls this request carries: the length of a completions prompt list, else 1."""
+        prompt = self.body.get("prompt_embeds", self.body.get("prompt"))
+        return len(prompt) if self.kind == COMPLETIONS and isinstance(prompt, list) and prompt else 1
+
 
 @dataclass
 class _Waiter:
@@ -257,6 +263,7 @@ class FakeVLLM:
         ignore_unknown_fields: bool = False,
         supports_tokenize: bool = True,
         max_logprobs: int = 20,
+        supports_prompt_lists: bool = True,
         latency_s: float = 0.0,
         responder: Responder | None = None,
     ) -> None:
@@ -266,6 +273,11 @@ class FakeVLLM:
         self.ignore_unknown_fields = ignore_unknown_fields
         self.supports_tokenize = supports_tokenize
         self.max_logprobs = max_logprobs
+        # vLLM and OpenAI take a list of prompts in one completions request; some servers take only one.
+        self.supports_prompt_lists = supports_prompt_lists
+        # (running, waiting) served at /metrics as vLLM's gauges; None: no /metrics (404).
+        self.queue_gauges: tuple[float, float] | None = None
+        self.metrics_reads = 0
         # Sleep before answering each non-probe LLM call.
         self.latency_s = latency_s
         # Overrides answers: `responder(kind, body)` (sync or async), called after the fault knobs and for
@@ -306,8 +318,9 @@ class FakeVLLM:
         return [e for e in self.requests(kind, include_probes=include_probes) if e.completed]
 
     def count(self, kind: KindFilter = None, *, completed_only: bool = False, include_probes: bool = False) -> int:
+        """LLM calls seen: one per prompt (a completions request with a prompt list counts each prompt)."""
         entries = self.requests(kind, include_probes=include_probes)
-        return sum(1 for e in entries if e.completed or not completed_only)
+        return sum(e.prompts for e in entries if e.completed or not completed_only)
 
     @property
     def in_flight(self) -> int:
@@ -397,11 +410,27 @@ class FakeVLLM:
             self._delays.clear()
             self._max_in_flight = self._in_flight
         self.latency_s, self.responder = self._initial_knobs
+        self.queue_gauges, self.metrics_reads = None, 0
 
     # ------------------------------------------------------------------ request handling
 
     def _build_app(self) -> FastAPI:
         app = FastAPI(title="fake vLLM")
+
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            # vLLM's Prometheus gauges of its queue, when a test sets `queue_gauges = (running, waiting)`.
+            if self.queue_gauges is None:
+                return _error(404, "Not Found")
+            running, waiting = self.queue_gauges
+            lines = [
+                "# TYPE vllm:num_requests_running gauge",
+                f'vllm:num_requests_running{{model_name="{self.model}"}} {running}',
+                "# TYPE vllm:num_requests_waiting gauge",
+                f'vllm:num_requests_waiting{{model_name="{self.model}"}} {waiting}',
+            ]
+            self.metrics_reads += 1
+            return Response("\n".join(lines) + "\n", media_type="text/plain")
 
         @app.get("/v1/models")
         async def models(request: Request) -> Response:
@@ -630,10 +659,11 @@ class FakeVLLM:
         if "prompt_embeds" in body:  # the toy model has no embeddings: vLLM without --enable-prompt-embeds
             return _error(400, "You must set `--enable-prompt-embeds` to input `prompt_embeds`.")
         prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            return _error(400, "prompt: this fake only takes a single string prompt")
+        if isinstance(prompt, list) and len(prompt) > 1 and not self.supports_prompt_lists:
+            return _error(400, "prompt: this server takes a single prompt")
+        prompts = prompt if isinstance(prompt, list) and prompt else [prompt]
+        if not all(isinstance(p, str) for p in prompts):
+            return _error(400, "prompt: a string or a list of strings is required")
         if "prompt_logprobs" in body and body["prompt_logprobs"] is not None:
             return _error(400, "prompt_logprobs: not supported by the fake (it defeats prefix caching anyway)")
         k = body.get("logprobs")
@@ -661,8 +691,22 @@ class FakeVLLM:
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else list(stop)
 
+        choices, completion_tokens, prompt_tokens = [], 0, 0
+        for number, prompt in enumerate(prompts):
+            choices += self._complete_one(prompt, number * n, n, max_tokens, temperature, seed, stop, k, named, as_ids,
+                                          first_dist)  # fmt: skip
+            completion_tokens += sum(c.pop("_tokens") for c in choices[-n:])
+            prompt_tokens += len(self.toy.encode(prompt, add_special_tokens=True))
+        data = {
+            "id": f"cmpl-{entry.index}", "object": "text_completion", "created": int(time.time()),
+            "model": self.model, "choices": choices, "usage": self._usage(prompt_tokens, completion_tokens),
+        }  # fmt: skip
+        return self._json(entry, data)
+
+    def _complete_one(self, prompt, first_index, n, max_tokens, temperature, seed, stop, k, named, as_ids, first_dist):
+        """The `n` choices for one prompt (indices from `first_index`), each with its token count in `_tokens`."""
         candidates = self.toy.candidates(prompt)
-        choices, completion_tokens = [], 0
+        choices = []
         for index in range(n):
             rng = random.Random(f"{prompt}|{seed}|{temperature}|{index}") if seed is not None else random.Random()
             generated: list[str] = []
@@ -690,18 +734,15 @@ class FakeVLLM:
                     finish = "stop"
                     break
             text, _ = self._cut("".join(generated), stop, max_tokens)
-            completion_tokens += len(generated)
             logprobs = None
             if k is not None:
                 logprobs = {"text_offset": offsets, "token_logprobs": token_logprobs, "tokens": tokens,
                             "top_logprobs": tops}  # fmt: skip
-            choices.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
-        prompt_tokens = len(self.toy.encode(prompt, add_special_tokens=True))
-        data = {
-            "id": f"cmpl-{entry.index}", "object": "text_completion", "created": int(time.time()),
-            "model": self.model, "choices": choices, "usage": self._usage(prompt_tokens, completion_tokens),
-        }  # fmt: skip
-        return self._json(entry, data)
+            choices.append(
+                {"index": first_index + index, "text": text, "logprobs": logprobs, "finish_reason": finish,
+                 "_tokens": len(generated)}
+            )  # fmt: skip
+        return choices
 
     def _key(self, token: str, as_ids: bool) -> str:
         return f"token_id:{self.toy.token_id(token)}" if as_ids else token

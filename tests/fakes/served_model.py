@@ -56,17 +56,45 @@ class ServedModel:
         return _error(400, f"{kind}: not served by this fake")
 
     def _complete(self, body: dict) -> Any:
-        import torch
-
         if body.get("max_tokens") != 1 or body.get("logprobs") is None:
             return _error(400, "this fake serves one-token scoring completions with logprobs only")
+        if "prompt_embeds" in body:
+            if not self.prompt_embeds:
+                return _error(400, "You must set `--enable-prompt-embeds` to input `prompt_embeds`.")
+            inputs = body["prompt_embeds"] if isinstance(body["prompt_embeds"], list) else [body["prompt_embeds"]]
+            embedded = True
+        else:
+            inputs = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
+            embedded = False
+        choices, prompt_tokens = [], 0
+        for index, item in enumerate(inputs):
+            answer = self._score_one(body, item, embedded)
+            if not isinstance(answer, tuple):
+                return answer  # an error
+            choice, n = answer
+            choices.append({**choice, "index": index})
+            prompt_tokens += n
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": len(inputs),
+            "total_tokens": prompt_tokens + len(inputs),
+        }
+        return {
+            "id": "cmpl-served",
+            "object": "text_completion",
+            "model": SERVED_MODEL,
+            "choices": choices,
+            "usage": usage,
+        }
+
+    def _score_one(self, body: dict, item: str, embedded: bool) -> Any:
+        """(choice, prompt tokens) for one prompt (text, or base64 prompt_embeds); an error response otherwise."""
+        import torch
+
         backend = self.backend
         with torch.inference_mode():
-            if "prompt_embeds" in body:
-                if not self.prompt_embeds:
-                    return _error(400, "You must set `--enable-prompt-embeds` to input `prompt_embeds`.")
-                raw = base64.b64decode(body["prompt_embeds"])
-                embeds = torch.load(io.BytesIO(raw), weights_only=True)
+            if embedded:
+                embeds = torch.load(io.BytesIO(base64.b64decode(item)), weights_only=True)
                 if embeds.ndim != 2 or embeds.shape[1] != backend.info.geometry["hidden_size"]:
                     return _error(400, f"prompt_embeds of shape {tuple(embeds.shape)} do not fit the model")
                 n = embeds.shape[0]
@@ -75,7 +103,7 @@ class ServedModel:
                 positions = torch.arange(n)[None]
                 logits, _ = backend._forward(None, mask, positions, inputs_embeds=embeds.to(dtype)[None])  # noqa: SLF001
             else:
-                ids = self.tokenizer(body["prompt"]).input_ids or [backend._pad_id]  # noqa: SLF001
+                ids = self.tokenizer(item).input_ids or [backend._pad_id]  # noqa: SLF001
                 n = len(ids)
                 logits, _ = backend._forward(*backend._left_pad([ids]))  # noqa: SLF001
             logprobs = torch.log_softmax(logits[0].float(), dim=-1)
@@ -90,16 +118,8 @@ class ServedModel:
         top = {key(top_id): float(logprobs[top_id])}
         top.update({key(int(t)): float(logprobs[int(t)]) for t in wanted})
         choice = {
-            "index": 0,
             "text": self.tokenizer.decode([top_id]),
             "logprobs": {"tokens": [key(top_id)], "token_logprobs": [top[key(top_id)]], "top_logprobs": [top]},
             "finish_reason": "length",
         }
-        usage = {"prompt_tokens": n, "completion_tokens": 1, "total_tokens": n + 1}
-        return {
-            "id": "cmpl-served",
-            "object": "text_completion",
-            "model": SERVED_MODEL,
-            "choices": [choice],
-            "usage": usage,
-        }
+        return choice, n

@@ -1,0 +1,129 @@
+"""How many sequences one process keeps in flight at an LLM server, and how that number is chosen.
+
+A continuous-batching server (vLLM) runs up to `max_num_seqs` sequences per step; a client keeps it busy by
+having about that many in flight. The limit counts sequences (prompts, or completions for `n` > 1), not HTTP
+requests, since one request may carry many prompts. It can change while requests wait (the share of a limit
+held with other workers, or the server's own queue says so).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import math
+
+
+class InFlightLimit:
+    """A weighted, first-come first-served semaphore whose size can change.
+
+    `acquire(w)` returns once `w` more sequences fit under the limit (a weight above the limit is cut to it, so a
+    big request never waits forever); waiters are served strictly in arrival order, so requests go out in the
+    order they were issued."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = max(1, int(limit))
+        self.in_flight = 0
+        self._waiters: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    @property
+    def waiting(self) -> int:
+        return sum(weight for weight, _ in self._waiters)
+
+    def set_limit(self, limit: int) -> None:
+        self._limit = max(1, int(limit))
+        self._wake()
+
+    def weight_for(self, weight: int) -> int:
+        return max(1, min(int(weight), self._limit))
+
+    async def acquire(self, weight: int) -> int:
+        """Take `weight` slots (cut to the limit); returns the weight taken, to pass to `release`."""
+        weight = self.weight_for(weight)
+        if not self._waiters and self.in_flight + weight <= self._limit:
+            self.in_flight += weight
+            return weight
+        future = asyncio.get_running_loop().create_future()
+        entry = (weight, future)
+        self._waiters.append(entry)
+        try:
+            await future
+        except BaseException:
+            if future.done() and not future.cancelled():
+                self.release(weight)  # granted just as we were cancelled
+            else:
+                self._waiters.remove(entry)
+                self._wake()
+            raise
+        return weight
+
+    def release(self, weight: int) -> None:
+        self.in_flight -= weight
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            weight, future = self._waiters[0]
+            if future.done():
+                self._waiters.popleft()
+                continue
+            # Granted whole once nothing else is in flight, even above a limit that shrank while it waited.
+            if self.in_flight + weight > self._limit and self.in_flight > 0:
+                return
+            self._waiters.popleft()
+            self.in_flight += weight
+            future.set_result(None)
+
+
+class QueueFeedback:
+    """Fits a client's limit to what a continuous-batching server reports of its own queue.
+
+    A few requests waiting at the server are good: a finished sequence is replaced in the same step, with no round
+    trip. Many waiting means the server is full (of our work or others'): they add latency, not throughput, and
+    crowd out other clients. So the limit shrinks by a tenth while more than `slack` of the running count waits,
+    and grows by `step` while almost nothing waits and this client is using its whole limit. It stays between
+    `floor` and `ceiling` (the configured limit, or this worker's share of it)."""
+
+    def __init__(self, ceiling: int, *, floor: int = 8, slack: float = 0.25, step: int = 16) -> None:
+        self.ceiling = max(1, ceiling)
+        self.floor = min(floor, self.ceiling)
+        self.slack = slack
+        self.step = step
+        self.limit = self.ceiling
+
+    def update(self, running: float, waiting: float, in_flight: int) -> int:
+        if waiting > max(4.0, self.slack * running):
+            self.limit = max(self.floor, math.floor(self.limit * 0.9))
+        elif waiting <= max(1.0, 0.05 * running) and in_flight >= 0.9 * self.limit:
+            self.limit = min(self.ceiling, self.limit + self.step)
+        self.limit = min(max(self.limit, self.floor), self.ceiling)
+        return self.limit
+
+    def set_ceiling(self, ceiling: int) -> None:
+        self.ceiling = max(1, ceiling)
+        self.floor = min(self.floor, self.ceiling)
+        self.limit = min(self.limit, self.ceiling)
+
+
+def parse_vllm_queue(text: str) -> tuple[float, float] | None:
+    """(running, waiting) from a vLLM Prometheus `/metrics` page, summed over models; None if it has neither."""
+    running = waiting = 0.0
+    seen = False
+    for line in text.splitlines():
+        if line.startswith("vllm:num_requests_running"):
+            running += _sample_value(line)
+            seen = True
+        elif line.startswith("vllm:num_requests_waiting"):
+            waiting += _sample_value(line)
+            seen = True
+    return (running, waiting) if seen else None
+
+
+def _sample_value(line: str) -> float:
+    try:
+        return float(line.rsplit(" ", 1)[1])
+    except (IndexError, ValueError):
+        return 0.0
