@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -32,6 +33,10 @@ class JobQueue(Protocol):
         """ "waiting" (not picked up yet), "active" (a worker took it), or None (gone or finished)."""
 
     async def ping(self) -> None: ...
+
+    async def active_members(self, group: str, member: str, active: bool, window_s: float) -> int:
+        """Mark `member` of `group` active now (or not), and count the members active within the last `window_s`
+        seconds, this one included when active. Workers use it to share a backend's concurrency."""
 
     async def run_consumer(self, handler: JobHandler, concurrency: int) -> None:
         """Consume messages until cancelled."""
@@ -90,6 +95,21 @@ class SaqJobQueue:
         await self._connect()
         await self.queue.redis.ping()
 
+    async def active_members(self, group: str, member: str, active: bool, window_s: float) -> int:
+        await self._connect()
+        key = f"{self.settings.name}:active:{group}"
+        now = time.time()
+        async with self.queue.redis.pipeline(transaction=True) as pipe:
+            if active:
+                pipe.zadd(key, {member: now})
+            else:
+                pipe.zrem(key, member)
+            pipe.zremrangebyscore(key, 0, now - window_s)
+            pipe.zcard(key)
+            pipe.expire(key, max(60, int(window_s * 10)))
+            results = await pipe.execute()
+        return int(results[2])
+
     async def run_consumer(self, handler: JobHandler, concurrency: int) -> None:
         from saq import Worker
 
@@ -147,6 +167,9 @@ class InProcessJobQueue:
 
     async def ping(self) -> None:
         return None
+
+    async def active_members(self, group: str, member: str, active: bool, window_s: float) -> int:
+        return 1 if active else 0  # one process: nobody to share with
 
     async def run_consumer(self, handler: JobHandler, concurrency: int) -> None:
         async def noop_heartbeat() -> None:

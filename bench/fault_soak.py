@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import random
@@ -35,6 +34,7 @@ import httpx
 
 from app.main import create_app
 from app.settings import BackendSettings, QueueSettings, Settings
+from bench.scratch_db import scratch_database
 from tests.fakes.fake_vllm import FakeVLLMServer
 from tests.fakes.fault_proxy import FaultProxy
 
@@ -186,9 +186,10 @@ async def run_soak(cfg: SoakConfig, database_url: str, redis_url: str, workdir: 
             result.wall_s = round(time.monotonic() - started, 1)
             result.connection_resets = llm.resets
             completed = fake.completed_requests(LLM_KINDS)
-            result.answered = len(completed)
+            result.answered = sum(e.prompts for e in completed)
             counts = Counter(_request_key(e) for e in completed)
-            result.repeated = sum(n - 1 for n in counts.values() if n > 1)
+            prompts = {_request_key(e): e.prompts for e in completed}
+            result.repeated = sum((n - 1) * prompts[key] for key, n in counts.items() if n > 1)
     return result
 
 
@@ -322,21 +323,8 @@ async def _main() -> None:
         llm_outage_s=args.llm_outage,
         db_outage_s=args.db_outage,
     )
-    from app.migrate import upgrade_async
-
-    name = f"promptopt_soak_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(args.pg)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
-    url = args.pg.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://") + "/" + name
-    try:
-        await upgrade_async(url)
-        result = await run_soak(cfg, url, args.redis, Path("/tmp") / name)
-    finally:
-        admin = await asyncpg.connect(args.pg)
-        with contextlib.suppress(Exception):
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+    async with scratch_database("promptopt_soak", args.pg) as url:
+        result = await run_soak(cfg, url, args.redis, Path("/tmp") / url.rsplit("/", 1)[1])
     print(json.dumps({"config": asdict(cfg), "result": asdict(result)}, indent=1))
     print(table(result, cfg))
 

@@ -46,7 +46,7 @@ def fake_port(fake_llm) -> int:
     return int(fake_llm.base_url.split(":")[2].split("/")[0])
 
 
-def fault_settings(database_url: str, llm_url: str, **queue):
+def fault_settings(database_url: str, llm_url: str, backend: dict | None = None, **queue):
     """Test settings with quick per-request retries, a quick breaker probe, and quick job retries."""
     settings = make_settings(database_url, llm_url, **{"retry_base_seconds": 0.2, "retry_max_seconds": 1.0, **queue})
     settings.backends["default"] = BackendSettings(
@@ -57,6 +57,7 @@ def fault_settings(database_url: str, llm_url: str, **queue):
         retry_base_delay_s=0.02,
         probe_interval_s=0.2,
         outage_wait_s=60,
+        **(backend or {}),
     )
     return settings
 
@@ -156,7 +157,9 @@ async def test_jobs_succeed_under_5xx_and_connection_resets(database_url, fake_l
     """20% of LLM calls answer 500 and 10% of requests have their connection reset; per-request retries are
     short (2), so some requests exhaust them: the job waits on the breaker and re-sends only what is missing."""
     with FaultProxy("127.0.0.1", fake_port(fake_llm), seed=1) as proxy:
-        settings = fault_settings(database_url, through(proxy, fake_llm.base_url, fake_port(fake_llm)))
+        # Small batches: enough requests that some exhaust their retries.
+        llm_url = through(proxy, fake_llm.base_url, fake_port(fake_llm))
+        settings = fault_settings(database_url, llm_url, backend={"prompts_per_request": 2})
         fake_llm.fail_randomly(0.2, seed=3)
         proxy.reset_rate = 0.1
         async with api(settings) as client, running_worker(settings):

@@ -11,6 +11,7 @@ from app.jobs.reconciler import run_reconciler
 from app.llm.registry import BackendRegistry
 from app.queue import JobQueue
 from app.settings import Settings
+from workers.backend_share import share_backends
 from workers.runner import JobRunner
 
 
@@ -21,6 +22,7 @@ def worker_id() -> str:
 async def run_worker(settings: Settings, db: Database, queue: JobQueue, registry: BackendRegistry) -> None:
     runner = JobRunner(db, registry, settings, worker_id())
     consumer = asyncio.create_task(queue.run_consumer(runner.run, settings.queue.concurrency))
+    sharing = asyncio.create_task(share_backends(queue, registry, runner.worker_id))
     reconciler = asyncio.create_task(
         run_reconciler(
             db, queue, interval=settings.queue.reconcile_seconds, queued_grace_seconds=settings.queue.reconcile_seconds
@@ -30,6 +32,6 @@ async def run_worker(settings: Settings, db: Database, queue: JobQueue, registry
         # The consumer ends on SIGTERM/SIGINT (SAQ stops gracefully); the worker ends with it.
         await consumer
     finally:
-        reconciler.cancel()
-        consumer.cancel()
-        await asyncio.gather(reconciler, consumer, return_exceptions=True)
+        for task in (reconciler, consumer, sharing):
+            task.cancel()
+        await asyncio.gather(reconciler, consumer, sharing, return_exceptions=True)

@@ -10,6 +10,7 @@ prompt at the end. It writes through a `JobSink` and knows nothing of leases, qu
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -274,19 +275,35 @@ class JobEngine:
         errors propagate to the caller, which owns the job's state."""
         self.search_budget.start()
         stop_reason = StopReason.COMPLETED
+        saving: asyncio.Task | None = None  # the previous step's checkpoint, written while the next step runs
         try:
             while not self.optimizer.done:
                 self.search_budget.check_time()
                 report = await self.optimizer.step(self.ctx)
                 budget_hit, dev_scores = await self._select(report)
-                await self.sink.step_done(self._record(report, dev_scores))
+                record = self._record(report, dev_scores)
+                if saving is not None:
+                    await saving  # checkpoints land in step order; a failed write surfaces here
+                saving = asyncio.create_task(self._save_step(record), name=f"save-step-{report.step}")
                 if budget_hit:
                     raise BudgetExhausted("max_llm_calls")
         except BudgetExhausted as exc:
             log.info("search stopped: %s", exc)
             stop_reason = StopReason.BUDGET
+        except BaseException:
+            if saving is not None and not saving.done():
+                saving.cancel()  # the attempt ends; the next one resumes from the last checkpoint written
+            raise
+        if saving is not None:
+            await saving
         await self._score_test()
         return Outcome(stop_reason, self.selection)
+
+    async def _save_step(self, record: StepRecord) -> None:
+        """Wait until the step's answers are stored and charged, then write its checkpoint: a checkpoint never
+        claims work whose usage could still be lost."""
+        await self.evaluator.llm.flush()
+        await self.sink.step_done(record)
 
     async def _select(self, report: StepReport) -> tuple[bool, dict[int, PromptScore]]:
         """Model selection on the dev split: the step's leader among the eligible candidates is scored on dev when
@@ -333,7 +350,7 @@ class JobEngine:
             total_steps=self.total_steps,
             candidates=report.candidates,
             dev_scores=dev_scores,
-            selection=self.selection,
+            selection=Selection.from_state(self.selection.to_state()),  # a snapshot: the next step moves on
             checkpoint={"optimizer": self.optimizer.state_dict(), "engine": self.selection.to_state()},
             message=report.message,
             usage=replace(self.usage),
@@ -358,4 +375,5 @@ class JobEngine:
             return
         for entry in entries:
             entry.test_score = scores[entry.prompt].score
+        await self.evaluator.llm.flush()
         await self.sink.test_scored(self.selection, scores)

@@ -224,8 +224,8 @@ class MeteredLLM:
                     break
         finally:
             self.budget.release(len(to_send), reserve_tokens)
-        if self.store is not None:
-            await self.store.flush()
+        # Answers are written (and charged) by the store in the background; the engine waits for them before each
+        # checkpoint (`flush`), not here, so the next batch is not held up by a database round trip.
         missing = [i for i in to_send if results[i] is None]
         if missing:
             raise RuntimeError(f"backend {self.backend.name!r} did not report {len(missing)} results")
@@ -241,6 +241,11 @@ class MeteredLLM:
                 self.notice("backend_up", {"backend": name, "waited_s": round(time.monotonic() - started, 1)})
         if self.guard is not None:
             await self.guard()
+
+    async def flush(self) -> None:
+        """Return once every answer so far is stored and charged."""
+        if self.store is not None:
+            await self.store.flush()
 
     # Derived, model-specific results (ClaPS's clustered vocabulary). Not LLM calls: nothing is metered.
     async def token_embeddings(self) -> tuple[list[str], list[str], object]:

@@ -68,6 +68,10 @@ class BackendRegistry:
                 self._probe_errors[name] = str(exc)
                 log.warning("backend %s failed its probe: %s", name, exc)
 
+    def shared_backends(self) -> list[tuple[str, LLMBackend]]:
+        """Backends built in this process whose concurrency is shared with other workers (HTTP ones)."""
+        return [(name, b) for name, b in self._backends.items() if hasattr(b, "set_share")]
+
     def breaker(self, name: str) -> CircuitBreaker:
         """The backend's circuit breaker in this process (every job on it shares it)."""
         if name not in self._breakers:

@@ -379,10 +379,11 @@ class FakeVLLM:
             self._delays.extend([(_kinds(kinds), seconds)] * n)
 
     def hold_after(self, n: int, *, kinds: KindFilter = None) -> None:
-        """Let `n` more requests of `kinds` (default: LLM calls) through; every later one blocks until `release()`.
+        """Let `n` more LLM calls of `kinds` (default: LLM calls) through; every later request blocks until
+        `release()`. A request carrying a prompt list counts each prompt, and passes whole while any are left.
 
         Counted when a request passes the gate, not when it completes, so with many requests at once
-        exactly `n` get answered and the rest are held.
+        about `n` get answered and the rest are held.
         """
         with self._lock:
             self._gate_kinds = _kinds(kinds)
@@ -556,7 +557,7 @@ class FakeVLLM:
             if self._gate_kinds is None or kind not in self._gate_kinds:
                 return
             if self._gate_left > 0:
-                self._gate_left -= 1
+                self._gate_left = max(0, self._gate_left - entry.prompts)
                 return
             waiter = _Waiter(asyncio.get_running_loop(), asyncio.Event(), entry)
             self._waiters.append(waiter)

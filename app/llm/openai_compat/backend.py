@@ -164,6 +164,10 @@ class OpenAICompatBackend(CapabilityProbe):
     def concurrency_limit(self) -> int:
         return self._limit.limit
 
+    @property
+    def share(self) -> int:
+        return self._share
+
     def set_share(self, share: int) -> None:
         """This process's share of `max_concurrency` (the worker divides it among the workers using the backend)."""
         self._share = max(1, min(int(share), self.settings.max_concurrency))

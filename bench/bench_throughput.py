@@ -1,0 +1,292 @@
+"""How full does a job keep a continuous-batching LLM server? Efficiency against `bench/sim_server.py`.
+
+    python -m bench.bench_throughput                      # every scenario, one table
+    python -m bench.bench_throughput --only opro_paper bare
+
+Each scenario resets the simulated server, runs its work, and reports:
+  * `bound_s`: the server's own lower bound for the work it received (see sim_server), `wall_s`: the jobs' wall time
+    (first job start to last job end, from the job records; for `bare`, the client's), `efficiency` = bound / wall;
+  * `calls`: LLM calls (prompts) answered, `requests`: HTTP requests carrying them, `mean_batch`: sequences per
+    server step; `cpu_ms_per_call`: CPU time of the worker processes (user + system) per call.
+
+Jobs run through the real service: the API in this process, `python -m workers` subprocesses, Postgres and Redis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import aiohttp
+import httpx
+
+from app.main import create_app
+from app.settings import BackendSettings, QueueSettings, Settings
+from bench.scratch_db import scratch_database
+
+ROOT = Path(__file__).resolve().parent.parent
+TERMINAL = ("succeeded", "failed", "cancelled")
+HIDDEN = 64
+
+
+@dataclass
+class Scenario:
+    name: str
+    jobs: list[dict]
+    workers: int = 1
+    jobs_per_worker: int = 2
+    backend: dict | None = None  # BackendSettings overrides
+
+
+def opro(steps: int, preset: str, seed: int = 0, tag: str = "") -> dict:
+    return {
+        "method": "opro",
+        "task": {"dataset": "builtin:dbpedia16"},
+        "initial_prompt": f"Classify the text into its category. {tag}",
+        "params": {"preset": preset, "steps": steps},
+        "budget": {"max_llm_calls": 100_000},
+        "seed": seed,
+    }
+
+
+def method_job(method: str, params: dict, tag: str, backend: str = "default") -> dict:
+    return {
+        "method": method,
+        "backend": backend,
+        "task": {"dataset": "builtin:dbpedia16"},
+        "initial_prompt": f"Classify the text into its category. {tag}",
+        "params": params,
+        "budget": {"max_llm_calls": 100_000},
+        "seed": 0,
+    }
+
+
+def scenarios(tag: str) -> dict[str, Scenario]:
+    return {
+        "opro_paper": Scenario("OPRO paper preset, 3 steps", [opro(3, "paper", tag=tag + " a")]),
+        "opro_paper_1pr": Scenario(
+            "the same, one prompt a request", [opro(3, "paper", tag=tag + " b")], backend={"prompts_per_request": 1}
+        ),
+        "apo_small": Scenario("APO small", [method_job("apo", {"preset": "small"}, tag + " c")]),
+        "plum_small": Scenario("Plum small", [method_job("plum", {"preset": "small"}, tag + " d")]),
+        "claps_small": Scenario("ClaPS small", [method_job("claps", {"preset": "small"}, tag + " e")]),
+        "bbt_small": Scenario(
+            "BBT small over prompt_embeds", [method_job("bbt", {"preset": "small"}, tag + " f", backend="embeds")]
+        ),
+        "opro8_1w": Scenario(
+            "8 OPRO small jobs, 1 worker", [opro(4, "small", i, f"{tag} g{i}") for i in range(8)], 1, 8
+        ),
+        "opro8_2w": Scenario(
+            "8 OPRO small jobs, 2 workers", [opro(4, "small", i, f"{tag} h{i}") for i in range(8)], 2, 4
+        ),
+    }
+
+
+def settings_for(database_url: str, redis_url: str, sim_url: str, weights: str, scenario: Scenario) -> Settings:
+    common = {"kind": "openai_compat", "base_url": sim_url, **(scenario.backend or {})}
+    return Settings(
+        database_url=database_url,
+        redis_url=redis_url,
+        queue_backend="saq",
+        queue=QueueSettings(name=f"promptopt-bench-{uuid.uuid4().hex[:8]}", concurrency=scenario.jobs_per_worker),
+        backends={
+            "default": BackendSettings(**common),
+            # The simulated server cannot answer embedded text as the text itself (the probe's check), so the
+            # soft-prompt backend is declared rather than probed.
+            "embeds": BackendSettings(
+                **common,
+                probe=False,
+                model="sim-model",
+                capabilities=["generate", "label_logprobs", "input_embeddings"],
+                embedding_weights=weights,
+            ),
+        },
+    )
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _time(value: str) -> float:
+    return datetime.fromisoformat(value).timestamp()
+
+
+async def sim_stats(sim_root: str, reset: bool = False) -> dict:
+    async with httpx.AsyncClient() as client:
+        if reset:
+            (await client.post(f"{sim_root}/sim/reset")).raise_for_status()
+        return (await client.get(f"{sim_root}/sim/stats")).json()
+
+
+async def run_scenario(scenario: Scenario, database_url: str, redis_url: str, sim_url: str, weights: str) -> dict:
+    settings = settings_for(database_url, redis_url, sim_url, weights, scenario)
+    sim_root = sim_url.rsplit("/v1", 1)[0]
+    env = {**os.environ, **settings.to_env(), "PROMPTOPT_LOG_LEVEL": "WARNING"}
+    logs = tempfile.TemporaryFile()
+    workers = [start_worker(env, logs) for _ in range(scenario.workers)]
+    app = create_app(settings)
+    try:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://bench", timeout=60) as client:
+                await asyncio.sleep(3)  # workers import and connect
+                cpu_before = sum(cpu_seconds(p.pid) for p in workers)
+                await sim_stats(sim_root, reset=True)
+                ids = []
+                for body in scenario.jobs:
+                    answer = await client.post("/v1/jobs", json=body)
+                    answer.raise_for_status()
+                    ids.append(answer.json()["id"])
+                jobs = []
+                for job_id in ids:
+                    while True:
+                        job = (await client.get(f"/v1/jobs/{job_id}")).json()
+                        if job["status"] in TERMINAL:
+                            break
+                        await asyncio.sleep(0.5)
+                    jobs.append(job)
+                cpu = sum(cpu_seconds(p.pid) for p in workers) - cpu_before
+                stats = await sim_stats(sim_root)
+    finally:
+        for proc in workers:
+            proc.terminate()
+        for proc in workers:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    failed = [j["error"] for j in jobs if j["status"] != "succeeded"]
+    if failed:
+        logs.seek(0)
+        raise RuntimeError(f"{scenario.name}: jobs failed: {failed}\n{logs.read()[-3000:].decode(errors='replace')}")
+    wall = max(_time(j["finished_at"]) for j in jobs) - min(_time(j["started_at"]) for j in jobs)
+    calls = sum(j["usage"]["llm_calls"] for j in jobs)
+    return {
+        "scenario": scenario.name,
+        "bound_s": stats["bound_s"],
+        "wall_s": round(wall, 2),
+        "efficiency": round(stats["bound_s"] / wall, 3),
+        "calls": calls,
+        "requests": stats["requests"],
+        "mean_batch": stats["mean_batch"],
+        "cpu_ms_per_call": round(1000 * cpu / max(1, calls), 3),
+    }
+
+
+async def bare_client(sim_url: str, total: int, in_flight: int, per_request: int) -> dict:
+    """The ceiling: a minimal aiohttp client sending scoring completions, `in_flight` prompts at a time."""
+    sim_root = sim_url.rsplit("/v1", 1)[0]
+    await sim_stats(sim_root, reset=True)
+    prompts = [
+        f"Text number {i}: " + "a fairly ordinary sentence about a company " * 12 + "\nCategory:" for i in range(total)
+    ]
+    chunks = [prompts[i : i + per_request] for i in range(0, total, per_request)]
+    limit = asyncio.Semaphore(max(1, in_flight // per_request))
+    cpu_before = time.process_time()
+    started = time.monotonic()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def one(chunk: list[str]) -> None:
+            async with limit:
+                body = {"model": "sim-model", "prompt": chunk if len(chunk) > 1 else chunk[0], "max_tokens": 1,
+                        "logprobs": 2, "logprob_token_ids": [5, 6], "temperature": 0}  # fmt: skip
+                async with session.post(f"{sim_url}/completions", json=body) as response:
+                    await response.read()
+
+        await asyncio.gather(*(one(c) for c in chunks))
+    wall = time.monotonic() - started
+    cpu = time.process_time() - cpu_before
+    stats = await sim_stats(sim_root)
+    return {
+        "scenario": f"bare client, {total} prompts, {in_flight} in flight, {per_request} a request",
+        "bound_s": stats["bound_s"],
+        "wall_s": round(wall, 2),
+        "efficiency": round(stats["bound_s"] / wall, 3),
+        "calls": total,
+        "requests": stats["requests"],
+        "mean_batch": stats["mean_batch"],
+        "cpu_ms_per_call": round(1000 * cpu / total, 3),
+    }
+
+
+def start_worker(env: dict, log) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "workers"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def start_sim(extra: list[str]) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.sim_server", "--hidden", str(HIDDEN), *extra],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    line = proc.stdout.readline()
+    if not line.startswith("SIM_URL="):
+        proc.kill()
+        raise RuntimeError(f"the simulated server did not start: {line!r}")
+    return proc, line.strip().split("=", 1)[1]
+
+
+def table(rows: list[dict]) -> str:
+    head = "| scenario | bound s | wall s | efficiency | LLM calls | HTTP requests | mean batch | worker CPU ms/call |"
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['scenario']} | {r['bound_s']} | {r['wall_s']} | **{r['efficiency']}** | {r['calls']} | "
+            f"{r['requests']} | {r['mean_batch']} | {r['cpu_ms_per_call']} |"
+        )
+    return "\n".join(lines)
+
+
+async def _main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", help="scenario keys (bare, opro_paper, ...); default: all")
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--sim-arg", action="append", default=[], help="passed to bench.sim_server")
+    args = parser.parse_args()
+    tag = uuid.uuid4().hex[:6]
+    chosen = scenarios(tag)
+    keys = args.only or ["bare", *chosen]
+    sim, sim_url = start_sim(args.sim_arg)
+    rows: list[dict] = []
+    try:
+        from bench.sim_server import write_embedding_weights
+
+        with tempfile.TemporaryDirectory() as tmp:
+            weights = str(Path(tmp) / "embed.safetensors")
+            write_embedding_weights(weights, HIDDEN)
+            if "bare" in keys:
+                rows.append(await bare_client(sim_url, 3000, 256, 1))
+                rows.append(await bare_client(sim_url, 3000, 256, 16))
+                print(table(rows), flush=True)
+            async with scratch_database("promptopt_bench") as database_url:
+                for key in keys:
+                    if key == "bare":
+                        continue
+                    rows.append(await run_scenario(chosen[key], database_url, args.redis, sim_url, weights))
+                    print(json.dumps(rows[-1]), flush=True)
+    finally:
+        sim.terminate()
+        sim.wait(10)
+    print(f"\nload average at the end (1/5/15 min): {load_average()}; {os.cpu_count()} CPUs")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    asyncio.run(_main())
