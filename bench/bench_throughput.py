@@ -221,6 +221,48 @@ async def bare_client(sim_url: str, total: int, in_flight: int, per_request: int
     }
 
 
+PEERS = {
+    "promptolution": ("OPRO by promptolution 2.3.0, 3 steps, 32 concurrent", "promptolution_opro.py", ["--steps", "3"]),
+    "dspy": ("COPRO by DSPy 3.4.1, breadth 8, depth 3, 32 threads", "dspy_copro.py", ["--depth", "3"]),
+}
+PEER_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
+
+
+async def run_peer(key: str, sim_url: str, workdir: Path) -> dict:
+    """A peer library's optimizer on the same task and server, in its own environment (see DEVELOPERS.md)."""
+    from app.datasets.builtin import BUILTIN_TASKS
+
+    title, script, extra = PEERS[key]
+    spec = BUILTIN_TASKS["dbpedia16"]
+    examples = spec.examples()[:112]  # as many as our jobs' train split (half of 224)
+    data = workdir / "peer-data.json"
+    data.write_text(json.dumps({"examples": examples, "labels": list(spec.labels)}))
+    sim_root = sim_url.rsplit("/v1", 1)[0]
+    await sim_stats(sim_root, reset=True)
+    before = os.times()
+    proc = await asyncio.create_subprocess_exec(
+        str(PEER_PYTHON), str(ROOT / "bench" / "peers" / script), "--url", sim_url, "--data", str(data), *extra,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    after = os.times()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{key} failed: {err.decode(errors='replace')[-3000:]}")
+    wall = json.loads(out.decode().strip().splitlines()[-1])["wall_s"]
+    stats = await sim_stats(sim_root)
+    cpu = (after.children_user + after.children_system) - (before.children_user + before.children_system)
+    return {
+        "scenario": title,
+        "bound_s": stats["bound_s"],
+        "wall_s": wall,
+        "efficiency": round(stats["bound_s"] / wall, 3),
+        "calls": stats["sequences"],
+        "requests": stats["requests"],
+        "mean_batch": stats["mean_batch"],
+        "cpu_ms_per_call": round(1000 * cpu / max(1, stats["sequences"]), 3),
+    }
+
+
 def start_worker(env: dict, log) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "workers"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -262,7 +304,7 @@ async def _main() -> None:
     args = parser.parse_args()
     tag = uuid.uuid4().hex[:6]
     chosen = scenarios(tag)
-    keys = args.only or ["bare", *chosen]
+    keys = args.only or ["bare", *chosen, *PEERS]
     sim, sim_url = start_sim(args.sim_arg)
     rows: list[dict] = []
     try:
@@ -278,6 +320,12 @@ async def _main() -> None:
             async with scratch_database("promptopt_bench") as database_url:
                 for key in keys:
                     if key == "bare":
+                        continue
+                    if key in PEERS:
+                        if PEER_PYTHON.exists():
+                            rows.append(await run_peer(key, sim_url, Path(tmp)))
+                        else:
+                            print(f"skipping {key}: run scripts/setup_bench_peers.sh first", flush=True)
                         continue
                     rows.append(await run_scenario(chosen[key], database_url, args.redis, sim_url, weights))
                     print(json.dumps(rows[-1]), flush=True)

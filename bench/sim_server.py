@@ -263,11 +263,15 @@ class SimServer:
         seed = body.get("seed")
         temperature = body.get("temperature")
         prefill = len(tokens_of(rendered)) + 8
+        fields = _output_fields(rendered)
         texts = []
         for j in range(n):
             rng = random.Random(f"{rendered}|{seed}|{temperature}|{j}" if seed is not None or not temperature else None)
             length = min(max_tokens, rng.randint(20, 60))
-            texts.append(" ".join(rng.choice(WORDS) for _ in range(length)).capitalize() + ".")
+            text = " ".join(rng.choice(WORDS) for _ in range(length)).capitalize() + "."
+            if fields:  # a structured-output client (DSPy's chat adapter): answer in its field markers
+                text = "".join(f"[[ ## {f} ## ]]\n{text}\n\n" for f in fields) + "[[ ## completed ## ]]"
+            texts.append(text)
         lengths = [min(max_tokens, len(t.split()) + 1) for t in texts]
         await asyncio.gather(*(self.engine.submit(prefill, length) for length in lengths))
         choices = [
@@ -277,6 +281,14 @@ class SimServer:
         usage = {"prompt_tokens": prefill, "completion_tokens": sum(lengths)}
         return web.json_response({"id": "chat-sim", "object": "chat.completion", "model": MODEL, "choices": choices,
                                   "usage": usage})  # fmt: skip
+
+
+def _output_fields(rendered: str) -> list[str]:
+    """The output field names DSPy's chat adapter asks for (`Your output fields are: 1. `name` ...`)."""
+    if "[[ ## " not in rendered or "Your output fields are:" not in rendered:
+        return []
+    section = rendered.split("Your output fields are:", 1)[1].split("All interactions", 1)[0]
+    return re.findall(r"\d+\. `(\w+)`", section)
 
 
 def write_embedding_weights(path: str, hidden: int, seed: int = 0) -> None:

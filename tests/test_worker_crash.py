@@ -27,8 +27,12 @@ def start_worker(settings, log_path: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "workers"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def request_key(entry) -> str:
-    return entry.kind + json.dumps(entry.body, sort_keys=True)
+def call_keys(entry) -> list[str]:
+    """One key per LLM call of a logged request: a completions request with a prompt list holds several."""
+    prompts = entry.body.get("prompt")
+    if entry.kind == "completions" and isinstance(prompts, list):
+        return [entry.kind + json.dumps({**entry.body, "prompt": p}, sort_keys=True) for p in prompts]
+    return [entry.kind + json.dumps(entry.body, sort_keys=True)]
 
 
 @dataclass
@@ -53,7 +57,7 @@ async def run_with_kill(app_client, settings, fake_llm, tmp_path, body: dict, ho
         first.send_signal(signal.SIGKILL)
         first.wait(10)
 
-        completed_before = {request_key(e) for e in fake_llm.completed_requests()}
+        completed_before = {key for e in fake_llm.completed_requests() for key in call_keys(e)}
         logged_before = len(fake_llm.requests())
         fake_llm.release()  # the dead worker's held requests are answered to nobody
         await asyncio.sleep(0.3)
@@ -77,10 +81,10 @@ async def test_kill9_worker_second_worker_finishes_without_repeating_calls(app_c
     job = run.job
     assert job["attempts"] == 2
     assert job["progress"]["step"] == 3
-    repeated = [e for e in run.requests_after_kill if request_key(e) in run.completed_before_kill]
+    repeated = [k for e in run.requests_after_kill for k in call_keys(e) if k in run.completed_before_kill]
     assert not repeated, f"{len(repeated)} completed calls were made again"
     # Every answered call was charged once: the first attempt's before the kill, then the second's.
-    answered_after = sum(1 for e in run.requests_after_kill if e.completed)
+    answered_after = sum(e.prompts for e in run.requests_after_kill if e.completed)
     assert job["usage"]["llm_calls"] == len(run.completed_before_kill) + answered_after
 
 
@@ -113,7 +117,7 @@ async def test_sigterm_hands_the_job_back_and_another_worker_resumes(app_client,
     from app.db import utcnow
     from app.jobs.models import Job
 
-    fake_llm.latency_s = 0.02
+    fake_llm.latency_s = 0.2  # a request carries up to 16 prompts: the job must still outlast the SIGTERM
     body = label_job(params={"steps": 4, "candidates_per_step": 3}, initial_prompt=f"Graceful. {tmp_path.name}")
     job_id = (await app_client.post("/v1/jobs", json=body)).json()["id"]
     first = start_worker(settings, tmp_path / "worker-a.log")
