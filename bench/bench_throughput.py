@@ -147,7 +147,8 @@ async def run_scenario(scenario: Scenario, database_url: str, redis_url: str, si
                 ids = []
                 for body in scenario.jobs:
                     answer = await client.post("/v1/jobs", json=body)
-                    answer.raise_for_status()
+                    if answer.status_code != 202:
+                        raise RuntimeError(f"{scenario.name}: job refused: {answer.text}")
                     ids.append(answer.json()["id"])
                 jobs = []
                 for job_id in ids:
@@ -159,6 +160,15 @@ async def run_scenario(scenario: Scenario, database_url: str, redis_url: str, si
                     jobs.append(job)
                 cpu = sum(cpu_seconds(p.pid) for p in workers) - cpu_before
                 stats = await sim_stats(sim_root)
+                if "timeline" in stats:
+                    Path(f"/tmp/timeline-{scenario.name.split()[0]}.json").write_text(
+                        json.dumps(
+                            {
+                                "timeline": stats.pop("timeline"),
+                                "jobs": [(j["started_at"], j["finished_at"]) for j in jobs],
+                            }
+                        )
+                    )
     finally:
         for proc in workers:
             proc.terminate()

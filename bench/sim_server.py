@@ -30,6 +30,7 @@ import collections
 import hashlib
 import io
 import json
+import os
 import random
 import re
 import time
@@ -90,6 +91,7 @@ class Engine:
         self.batch_sum = 0  # running sequences summed over steps (mean batch = batch_sum / steps)
         self.first_arrival: float | None = None
         self.last_finish: float | None = None
+        self.timeline: list | None = [] if os.environ.get("SIM_TIMELINE") else None
 
     def submit(self, prefill: int, length: int) -> asyncio.Future:
         if self.first_arrival is None:
@@ -124,6 +126,8 @@ class Engine:
             began = time.monotonic()
             await asyncio.sleep(self.step_s + self.token_s * tokens)
             self.busy_s += time.monotonic() - began
+            if self.timeline is not None:
+                self.timeline.append((round(began, 4), batch, tokens, len(self.waiting)))
             self.steps += 1
             self.tokens += tokens
             self.seq_steps += batch
@@ -191,7 +195,10 @@ class SimServer:
         return web.Response(text=text)
 
     async def stats(self, request: web.Request) -> web.Response:
-        return web.json_response(self.engine.stats())
+        stats = self.engine.stats()
+        if self.engine.timeline is not None:
+            stats["timeline"] = self.engine.timeline
+        return web.json_response(stats)
 
     async def reset(self, request: web.Request) -> web.Response:
         self.engine.reset()

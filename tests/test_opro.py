@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Callable
@@ -92,7 +93,7 @@ class ScriptedOptimizerLLM:
     def info(self) -> BackendInfo:
         return BackendInfo("optimizer", "scripted", "scripted-optimizer", frozenset({Capability.GENERATE}))
 
-    async def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
+    async def generate(self, requests: list[GenerationRequest], on_result=None) -> list[Generation]:
         self.calls.append(list(requests))
         out = []
         for request in requests:
@@ -201,7 +202,8 @@ async def test_duplicates_are_never_rescored() -> None:
     reports = await run_steps(opro, ctx, 3)
     n_train = len(ctx.evaluator.task.split_examples("train"))
 
-    assert ctx.evaluator.score_calls == [[INITIAL], ["Be brief", "New one"], ["Fresh"]]
+    # Each new proposal is scored on its own, as soon as it arrives.
+    assert ctx.evaluator.score_calls == [[INITIAL], ["Be brief"], ["New one"], ["Fresh"]]
     assert scorer.scored_requests == 4 * n_train
     assert [[c.prompt for c in r.candidates] for r in reports] == [[INITIAL], ["Be brief", "New one"], ["Fresh"]]
     assert "2 duplicate" in reports[1].message
@@ -321,7 +323,7 @@ async def test_exemplars_classic_positions(position: str, frame: str) -> None:
     prompt = llm.calls[0][0].prompt
     assert len(re.findall("input:\n" + frame + "\nGround truth answer:", prompt)) == 2
     # the evaluator still renders the task's own template
-    assert scorer.label_calls[-1][0].prompt.startswith("Proposal s1 i0\nReview: item")
+    assert scorer.label_calls[1][0].prompt.startswith("Proposal s1 i0\nReview: item")
 
 
 async def test_exemplars_capped_by_scoring_set() -> None:
@@ -407,7 +409,8 @@ async def test_train_subset() -> None:
     assert len(opro.scoring_positions) == 3
     n_train = len(ctx.evaluator.task.split_examples("train"))
     assert all(0 <= p < n_train for p in opro.scoring_positions)
-    assert all(len(call) == 3 * n_prompts for call, n_prompts in zip(scorer.label_calls, [1, 4, 4], strict=True))
+    # the initial prompt, then 4 proposals a step, each scored on its own on the same 3 examples
+    assert [len(call) for call in scorer.label_calls] == [3] * 9
     items = {re.search(r"Review: (.*)\n", r.prompt).group(1) for call in scorer.label_calls for r in call}
     assert len(items) == 3
     assert make_opro(train_subset=3).state_dict()["scoring_positions"] is None
@@ -507,3 +510,42 @@ def test_class_attributes_and_registry() -> None:
     assert METHODS["opro"] is Opro and get_method("opro") is Opro
     with pytest.raises(KeyError, match="opro"):
         get_method("nope")
+
+
+class StreamingOptimizerLLM(ScriptedOptimizerLLM):
+    """Reports each reply through `on_result` in reverse order, and holds back all but the last one until the
+    scorer has been asked about it: a step that waited for every proposal before scoring would hang."""
+
+    def __init__(self, job_seed: int, scorer_called: asyncio.Event) -> None:
+        super().__init__(job_seed)
+        self.scorer_called = scorer_called
+
+    async def generate(self, requests, on_result=None):
+        answers = await super().generate(requests)
+        order = list(reversed(range(len(answers))))
+        on_result(order[0], answers[order[0]])
+        await asyncio.wait_for(self.scorer_called.wait(), 5)
+        for i in order[1:]:
+            on_result(i, answers[i])
+        return answers
+
+
+async def test_proposals_are_scored_as_they_arrive_and_recorded_in_order() -> None:
+    ctx, scorer, _ = make_ctx()
+    called = asyncio.Event()
+    ctx.optimizer_llm = StreamingOptimizerLLM(7, called)
+    plain = scorer.label_logprobs
+
+    async def noting(requests):
+        called.set()
+        return await plain(requests)
+
+    scorer.label_logprobs = noting
+    opro = make_opro()
+    await opro.step(ctx)  # the initial prompt (sets the event, so reset it)
+    called.clear()
+    report = await opro.step(ctx)
+    # the last proposal arrived first and was scored before the others were delivered
+    assert ctx.evaluator.score_calls[1] == ["Proposal s1 i3"]
+    assert [c.prompt for c in report.candidates] == [f"Proposal s1 i{i}" for i in range(4)]
+    assert [h["instruction"] for h in opro.history[1:]] == [f"Proposal s1 i{i}" for i in range(4)]

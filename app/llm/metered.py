@@ -108,13 +108,18 @@ class MeteredLLM:
         self.require(Capability.DEEP_PROMPT)
         return await self.backend.hidden_statistics(prompts)  # type: ignore[attr-defined]
 
-    async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+    async def generate(
+        self, requests: Sequence[GenerationRequest], on_result: Callable[[int, Generation], None] | None = None
+    ) -> list[Generation]:
+        """`on_result(i, generation)` is called as soon as request i's answer is known (a cache hit at once), so a
+        caller can start on early answers while later ones are still being generated."""
         self.require(Capability.GENERATE)
         values = await self._run(
             "generate",
             requests,
             lambda r: self.backend.count_tokens_upper_bound(r.prompt + (r.system or "")) + r.max_tokens * r.n,
             self._call_generate,
+            None if on_result is None else (lambda i, value: on_result(i, Generation(**value))),
         )
         return [Generation(**v) for v in values]
 
@@ -136,14 +141,14 @@ class MeteredLLM:
     async def _call_label_logprobs(self, requests: list, on_result) -> list[dict]:
         return [asdict(s) for s in await self.backend.label_logprobs(requests, on_result=on_result)]
 
-    async def _run(self, kind, requests, token_bound, call) -> list[dict]:
+    async def _run(self, kind, requests, token_bound, call, on_value=None) -> list[dict]:
         token = SEND_GATE.set(self.guard.gate if self.guard is not None else None)
         try:
-            return await self._run_gated(kind, requests, token_bound, call)
+            return await self._run_gated(kind, requests, token_bound, call, on_value)
         finally:
             SEND_GATE.reset(token)
 
-    async def _run_gated(self, kind, requests, token_bound, call) -> list[dict]:
+    async def _run_gated(self, kind, requests, token_bound, call, on_value) -> list[dict]:
         model_id = self.backend.info.model_id
         results: list[dict | None] = [None] * len(requests)
         keys: list[str | None] = [cache_key(model_id, kind, r) if r.deterministic else None for r in requests]
@@ -181,6 +186,10 @@ class MeteredLLM:
             self.usage.cache_hits += hits
             if self.store is not None:
                 self.store.submit(None, model_id, {}, Usage(cache_hits=hits))
+            if on_value is not None:
+                for i, value in enumerate(results):
+                    if value is not None:
+                        on_value(i, value)
         if not to_send:
             return results  # type: ignore[return-value]
 
@@ -205,6 +214,9 @@ class MeteredLLM:
                     results[other] = value
             if self.store is not None:
                 self.store.submit(key, model_id, value, delta)
+            if on_value is not None:
+                for index in pending[key] if key is not None else [i]:
+                    on_value(index, value)
 
         try:
             while True:

@@ -21,13 +21,15 @@ Adaptation to this service:
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
+from app.evaluation.evaluator import PromptScore
 from app.evaluation.task import Example
-from app.llm.port import Capability, GenerationRequest
+from app.llm.port import Capability, Generation, GenerationRequest
 from app.optimizers.base import (
     CandidateResult,
     MethodParams,
@@ -401,6 +403,12 @@ class Opro(Optimizer):
     ) -> list[CandidateResult]:
         """Score `instructions` in one evaluator call and append them to the history."""
         scores = await ctx.evaluator.score(instructions, split="train", examples=examples)
+        return self._remember(instructions, scores, step, examples)
+
+    def _remember(
+        self, instructions: list[str], scores: list[PromptScore], step: int, examples: list[Example]
+    ) -> list[CandidateResult]:
+        """Append scored instructions to the history (and the failure counts), in the order given."""
         if len(self.failures) < len(examples):
             self.failures += [0] * (len(examples) - len(self.failures))
         keep_failed = self.params.exemplar_selection == "current_most_frequent"
@@ -425,40 +433,63 @@ class Opro(Optimizer):
         return report
 
     async def search_step(self, ctx: OptimizerContext, step: int) -> StepReport:
+        """Propose, filter, score. Each surviving proposal is scored as soon as its generation arrives, while the
+        longer proposals are still being decoded, so the server is not left running a handful of sequences; the
+        history is then updated in proposal order, so the step's outcome does not depend on arrival order."""
         examples = self.scoring_examples(ctx)
         prompt, picks = self.meta_prompt(ctx, step)
         wanted = self.params.candidates_per_step
-        raw: list[tuple[str, str]] = []  # (raw text, parsed instruction) for every non-empty parse
+        parsed_count = 0
+        reasons: dict[str, int] = {}
+        survivors: dict[str, tuple[int, int, str]] = {}  # instruction -> (request, sample, raw text)
+        scoring: dict[str, asyncio.Task] = {}
+        delivered: set[int] = set()
+        step_seen = self.seen.hashes()
+
+        def propose(index: int, generation: Generation) -> None:
+            nonlocal parsed_count
+            if index in delivered:
+                return
+            delivered.add(index)
+            for sample_index, text in enumerate(generation.texts):
+                instruction = extract_instruction(text)
+                if not instruction:
+                    continue
+                parsed_count += 1
+                reason = rejection_reason(instruction, step_seen, self.params)
+                if reason is not None:
+                    reasons[reason] = reasons.get(reason, 0) + 1
+                    kept = survivors.get(instruction)
+                    if kept is not None and (index, sample_index) < kept[:2]:
+                        survivors[instruction] = (index, sample_index, text)  # the first proposal's text, always
+                    continue
+                step_seen.add(instruction_hash(instruction))
+                survivors[instruction] = (index, sample_index, text)
+                scoring[instruction] = asyncio.create_task(
+                    ctx.evaluator.score([instruction], split="train", examples=examples)
+                )
 
         async def sample(indices: range) -> None:
-            generations = await ctx.optimizer_llm.generate(self._requests(prompt, step, indices))
-            for generation in generations:
-                for text in generation.texts:
-                    parsed = extract_instruction(text)
-                    if parsed:
-                        raw.append((text, parsed))
+            requests = self._requests(prompt, step, indices)
+            generations = await ctx.optimizer_llm.generate(
+                requests, on_result=lambda i, generation: propose(indices.start + i, generation)
+            )
+            for i, generation in enumerate(generations):  # answers a backend did not report one by one
+                propose(indices.start + i, generation)
 
-        await sample(range(wanted))
-        if len(raw) < wanted:
-            # One extra, also seeded, round for replies that held no instruction at all.
-            await sample(range(wanted, 2 * wanted - len(raw)))
-
-        reasons: dict[str, int] = {}
-        survivors: list[str] = []
-        raw_of: dict[str, str] = {}
-        step_seen = self.seen.hashes()
-        for text, instruction in raw:
-            reason = rejection_reason(instruction, step_seen, self.params)
-            if reason is not None:
-                reasons[reason] = reasons.get(reason, 0) + 1
-                continue
-            step_seen.add(instruction_hash(instruction))
-            survivors.append(instruction)
-            raw_of[instruction] = text
-
-        results = await self.score_prompts(ctx, survivors, step, examples) if survivors else []
+        try:
+            await sample(range(wanted))
+            if parsed_count < wanted:
+                # One extra, also seeded, round for replies that held no instruction at all.
+                await sample(range(wanted, 2 * wanted - parsed_count))
+            order = sorted(survivors, key=lambda instruction: survivors[instruction][:2])
+            scores = [(await scoring[instruction])[0] for instruction in order]
+        finally:
+            for task in scoring.values():
+                task.cancel()
+        results = self._remember(order, scores, step, examples)
         for result in results:
-            result.details = {"raw": raw_of[result.prompt][:_RAW_DETAIL_CHARS], "exemplars": picks}
+            result.details = {"raw": survivors[result.prompt][2][:_RAW_DETAIL_CHARS], "exemplars": picks}
         dropped = ", ".join(f"{n} {why}" for why, n in sorted(reasons.items()))
-        message = f"{len(raw)} proposals, {len(survivors)} new" + (f"; dropped {dropped}" if dropped else "")
+        message = f"{parsed_count} proposals, {len(order)} new" + (f"; dropped {dropped}" if dropped else "")
         return StepReport(step, results, message=message)
