@@ -62,7 +62,7 @@ def opro(steps: int, preset: str, seed: int = 0, tag: str = "") -> dict:
 def method_job(method: str, params: dict, tag: str, backend: str = "default") -> dict:
     return {
         "method": method,
-        "backend": backend,
+        "backends": {"scorer": backend, "optimizer": backend},
         "task": {"dataset": "builtin:dbpedia16"},
         "initial_prompt": f"Classify the text into its category. {tag}",
         "params": params,
@@ -160,15 +160,7 @@ async def run_scenario(scenario: Scenario, database_url: str, redis_url: str, si
                     jobs.append(job)
                 cpu = sum(cpu_seconds(p.pid) for p in workers) - cpu_before
                 stats = await sim_stats(sim_root)
-                if "timeline" in stats:
-                    Path(f"/tmp/timeline-{scenario.name.split()[0]}.json").write_text(
-                        json.dumps(
-                            {
-                                "timeline": stats.pop("timeline"),
-                                "jobs": [(j["started_at"], j["finished_at"]) for j in jobs],
-                            }
-                        )
-                    )
+                stats.pop("timeline", None)  # SIM_TIMELINE=1 in the server's environment: every step, for analysis
     finally:
         for proc in workers:
             proc.terminate()

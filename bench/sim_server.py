@@ -276,6 +276,8 @@ class SimServer:
             rng = random.Random(f"{rendered}|{seed}|{temperature}|{j}" if seed is not None or not temperature else None)
             length = min(max_tokens, rng.randint(20, 60))
             text = " ".join(rng.choice(WORDS) for _ in range(length)).capitalize() + "."
+            if "<prompt>" in rendered:  # promptolution's meta-prompts ask for the new prompt in these tags
+                text = f"<prompt>{text}</prompt>"
             if fields:  # a structured-output client (DSPy's chat adapter): answer in its field markers
                 text = "".join(f"[[ ## {f} ## ]]\n{text}\n\n" for f in fields) + "[[ ## completed ## ]]"
             texts.append(text)
