@@ -89,6 +89,13 @@ def scenarios(tag: str) -> dict[str, Scenario]:
         "opro8_2w": Scenario(
             "8 OPRO small jobs, 2 workers", [opro(4, "small", i, f"{tag} h{i}") for i in range(8)], 2, 4
         ),
+        "opro8_2w_fixed": Scenario(
+            "the same, limit not fitted to the server queue",
+            [opro(4, "small", i, f"{tag} i{i}") for i in range(8)],
+            2,
+            4,
+            backend={"adapt_to_server_queue": False},
+        ),
     }
 
 
@@ -265,6 +272,54 @@ async def run_peer(key: str, sim_url: str, workdir: Path) -> dict:
     }
 
 
+async def request_path(sim_url: str, total: int, database_url: str | None) -> dict:
+    """The worker's request path alone, in this process: `MeteredLLM` (cache keys, budget, usage, and with
+    `database_url` the write-behind store) over the openai_compat backend, scoring `total` new prompts at once."""
+    from app.cache.lru import LRU
+    from app.cache.store import DurableCacheStore
+    from app.db import Database
+    from app.llm.metered import MeteredLLM
+    from app.llm.openai_compat import OpenAICompatBackend
+    from app.llm.port import LabelScoreRequest
+    from app.usage import Budget, Usage
+
+    sim_root = sim_url.rsplit("/v1", 1)[0]
+    backend = OpenAICompatBackend("sim", BackendSettings(kind="openai_compat", base_url=sim_url))
+    await backend.start()
+    db = Database(database_url) if database_url else None
+    store = DurableCacheStore(db) if db else None
+    llm = MeteredLLM(backend, usage=Usage(), budget=Budget(), store=store, lru=LRU(100_000))
+    tag = uuid.uuid4().hex[:6]
+    verbalizers = (" Company", " Artist", " Film", " School")
+    requests = [
+        LabelScoreRequest(f"Classify. {tag}\nText {i}: " + "an ordinary sentence about a company " * 12 + "\nCategory:",
+                          verbalizers)
+        for i in range(total)
+    ]  # fmt: skip
+    await sim_stats(sim_root, reset=True)
+    cpu_before, started = time.process_time(), time.monotonic()
+    await llm.label_logprobs(requests)
+    if store is not None:
+        await store.flush()
+    wall, cpu = time.monotonic() - started, time.process_time() - cpu_before
+    stats = await sim_stats(sim_root)
+    await backend.aclose()
+    if db is not None:
+        await store.aclose()
+        await db.dispose()
+    where = "with the Postgres cache store" if db else "without a store"
+    return {
+        "scenario": f"promptopt request path {where}, {total} prompts",
+        "bound_s": stats["bound_s"],
+        "wall_s": round(wall, 2),
+        "efficiency": round(stats["bound_s"] / wall, 3),
+        "calls": total,
+        "requests": stats["requests"],
+        "mean_batch": stats["mean_batch"],
+        "cpu_ms_per_call": round(1000 * cpu / total, 3),
+    }
+
+
 def start_worker(env: dict, log) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "workers"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -320,6 +375,10 @@ async def _main() -> None:
                 rows.append(await bare_client(sim_url, 3000, 256, 16))
                 print(table(rows), flush=True)
             async with scratch_database("promptopt_bench") as database_url:
+                if "bare" in keys:
+                    rows.append(await request_path(sim_url, 3000, None))
+                    rows.append(await request_path(sim_url, 3000, database_url))
+                    print(table(rows), flush=True)
                 for key in keys:
                     if key == "bare":
                         continue

@@ -626,7 +626,7 @@ async def test_the_limit_follows_the_server_queue(fake):
     """vLLM reports many requests waiting: the limit shrinks; then none waiting while we use it all: it grows."""
     backend = await started(fake, max_concurrency=64, prompts_per_request=1)
     fake.latency_s = 0.3
-    fake.queue_gauges = (64, 200)
+    fake.queue_gauges = (64, 500)
     batch = [LabelScoreRequest(f"p{i}", VERBALIZERS) for i in range(300)]
     await backend.label_logprobs(batch)
     shrunk = backend.concurrency_limit
@@ -700,11 +700,12 @@ def test_queue_feedback_and_parsing():
     assert parse_vllm_queue(page) == (250.0, 125.0)
     assert parse_vllm_queue("promptopt_x 1\n") is None
     feedback = QueueFeedback(256, floor=8)
-    assert feedback.update(250, 120, 256) < 256  # a long queue at the server: back off
+    assert feedback.update(250, 200) == 256  # a batch or so waiting: the next steps' work, keep it
+    assert feedback.update(250, 900) < 256  # a long queue at the server: back off
     low = feedback.limit
-    assert feedback.update(250, 0, low) > low  # nothing waits and we use it all: grow
+    assert feedback.update(250, 100) > low  # the queue drained: grow
     for _ in range(100):
-        feedback.update(250, 0, feedback.limit)
+        feedback.update(250, 0)
     assert feedback.limit == 256  # never above the ceiling (this worker's share)
     feedback.set_ceiling(100)
     assert feedback.limit == 100

@@ -200,7 +200,7 @@ class OpenAICompatBackend(CapabilityProbe):
                 self._feedback = None
                 self._limit.set_limit(self._share)
                 return
-            self._limit.set_limit(self._feedback.update(*queue, self._limit.in_flight))
+            self._limit.set_limit(self._feedback.update(*queue))
             await asyncio.sleep(QUEUE_POLL_S)
 
     # ------------------------------------------------------------------ protocol: calls
