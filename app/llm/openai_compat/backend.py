@@ -286,7 +286,7 @@ class OpenAICompatBackend(CapabilityProbe):
             prompts: Any = [r.prompt for r in unit]
             body = self._label_body(prompts if len(unit) > 1 else prompts[0], k)
         else:
-            embeds = [await self._embedder.prompt_embeds(r.prompt, r.prefix) for r in unit]
+            embeds = await self._embedder.prompt_embeds_many([(r.prompt, r.prefix) for r in unit])
             body = self._label_body({"prompt_embeds": embeds if len(unit) > 1 else embeds[0]}, k)
         if by_ids:
             body["logprob_token_ids"] = wanted

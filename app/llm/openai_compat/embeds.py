@@ -82,6 +82,17 @@ class PromptEmbedder:
     async def prompt_embeds(self, prompt: str, prefix: ContinuousPrefix | None, **request: Any) -> str:
         """base64 of a torch-saved (tokens + prefix, hidden) float32 tensor, as vLLM reads `prompt_embeds`.
         `request`: probe / max_retries for the tokenize calls."""
+        (encoded,) = await self.prompt_embeds_many([(prompt, prefix)], **request)
+        return encoded
+
+    async def prompt_embeds_many(self, items: list[tuple[str, ContinuousPrefix | None]], **request: Any) -> list[str]:
+        """`prompt_embeds` for several prompts, the tensors encoded in one worker-thread hop (one request's
+        prompts: serialising them one hop each cost more CPU than the request itself)."""
+        arrays = [await self._rows(prompt, prefix, **request) for prompt, prefix in items]
+        return await asyncio.to_thread(lambda: [encode_tensor(array) for array in arrays])
+
+    async def _rows(self, prompt: str, prefix: ContinuousPrefix | None, **request: Any) -> np.ndarray:
+        """The (tokens + prefix, hidden) rows that stand for `prompt` behind `prefix`."""
         matrix = await self.embedding_matrix()
         special = await self.leading_special(**request)
         ids = await self.token_ids(prompt, **request)
@@ -103,13 +114,13 @@ class PromptEmbedder:
             first, last = placeholder_span(ids, before, through, prefix.rows)
             rows = matrix[ids].astype(np.float32, copy=True)
             rows[first:last] += prefix.vectors[: last - first]
-            return await asyncio.to_thread(encode_tensor, rows)
+            return rows
         head = soft_prompt_position(ids, special)
         parts = [matrix[ids[:head]]]
         if prefix is not None:
             parts.append(prefix.vectors)
         parts.append(matrix[ids[head:]])
-        return await asyncio.to_thread(encode_tensor, np.concatenate(parts, axis=0))
+        return np.concatenate(parts, axis=0)
 
 
 def encode_tensor(array: np.ndarray) -> str:
