@@ -297,8 +297,11 @@ async def test_expansion_counts():
     assert len(llm.requests("edit")) == 3 and st["edits"] == 3
     # Paraphrases of every rewrite and of the parent: (3 + 1) x 2.
     assert len(llm.requests("paraphrase")) == 8 and st["paraphrases"] == 8
-    # Three batched optimizer calls: gradients, edits, paraphrases; all seeded and sampled.
-    assert len(llm.calls) == 3
+    # Four batched optimizer calls: the parent's paraphrases (concurrently with the rest), gradients, edits, the
+    # edits' paraphrases; all seeded and sampled.
+    assert sorted([kind_of(r.prompt) for r in call] for call in llm.calls) == sorted(
+        [["paraphrase"] * 2, ["gradient"] * 3, ["edit"] * 3, ["paraphrase"] * 6]
+    )
     assert all(r.seed is not None and r.temperature == 0.7 for call in llm.calls for r in call)
     assert len({r.seed for call in llm.calls for r in call}) == 14
     origins = [s.origin for s in result.successors]

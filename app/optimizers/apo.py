@@ -20,6 +20,7 @@ Adaptation to this service:
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -27,7 +28,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from app.evaluation.task import Example
-from app.llm.port import Capability, GenerationRequest
+from app.llm.port import Capability, Generation, GenerationRequest
 from app.optimizers import bandits
 from app.optimizers.base import (
     CandidateResult,
@@ -371,6 +372,27 @@ class Apo(Optimizer):
         batch = self.minibatch(train, rnd)
         stats = {"errors": 0, "gradients": 0, "edits": 0, "paraphrases": 0, "duplicates": 0, "rejected": 0}
         stats.update({"capped": 0, "requests": 0})
+        # Paraphrases of the parents themselves depend on nothing below, so they are generated while the parents
+        # are scored and their gradients and edits written: one generation phase less on the step's critical path.
+        parent_para_jobs: list[tuple[int, str | None]] = []
+        parent_para_requests: list[GenerationRequest] = []
+        for pi, parent in enumerate(parents):
+            for sample in range(p.mc_samples_per_step):
+                parent_para_jobs.append((pi, None))
+                parent_para_requests.append(
+                    self._request(paraphrase_prompt(parent), rnd, KIND_PARAPHRASE, pi, 0, sample)
+                )
+        parent_paraphrasing = (
+            asyncio.create_task(ctx.optimizer_llm.generate(parent_para_requests)) if parent_para_requests else None
+        )
+        try:
+            return await self._expand(ctx, rnd, parents, batch, stats, parent_para_jobs, parent_paraphrasing)
+        finally:
+            if parent_paraphrasing is not None and not parent_paraphrasing.done():
+                parent_paraphrasing.cancel()
+
+    async def _expand(self, ctx, rnd, parents, batch, stats, parent_para_jobs, parent_paraphrasing) -> ExpansionResult:
+        p = self.params
         scored = await ctx.evaluator.score(parents, split="train", examples=batch) if batch else []
         errors: list[list[tuple[Example, str]]] = []
         for pi in range(len(parents)):
@@ -423,23 +445,28 @@ class Apo(Optimizer):
                     edits[pi].append((new, reason))
                     stats["edits"] += 1
 
-        # 3. Monte-Carlo paraphrases of every rewrite and of the parent.
+        # 3. Monte-Carlo paraphrases of every rewrite (those of the parents are already under way).
         para_jobs: list[tuple[int, str | None]] = []  # (parent, reason of the source edit)
         para_requests: list[GenerationRequest] = []
         if p.mc_samples_per_step > 0:
-            for pi, parent in enumerate(parents):
-                sources = [(parent, None)] + edits[pi]
-                for e, (source, reason) in enumerate(sources):
+            for pi in range(len(parents)):
+                for e, (source, reason) in enumerate(edits[pi], start=1):
                     for sample in range(p.mc_samples_per_step):
                         para_jobs.append((pi, reason))
                         para_requests.append(
                             self._request(paraphrase_prompt(source), rnd, KIND_PARAPHRASE, pi, e, sample)
                         )
-        paraphrases: dict[int, list[tuple[str, str | None]]] = {pi: [] for pi in range(len(parents))}
+        # Per parent: its own paraphrases first, then its edits', as one list of requests would give them.
+        replies: list[Generation] = []
+        if parent_paraphrasing is not None:
+            stats["requests"] += len(parent_para_jobs)
+            replies += await parent_paraphrasing
         if para_requests:
             stats["requests"] += len(para_requests)
-            replies = await ctx.optimizer_llm.generate(para_requests)
-            for (pi, reason), reply in zip(para_jobs, replies, strict=True):
+            replies += await ctx.optimizer_llm.generate(para_requests)
+        paraphrases: dict[int, list[tuple[str, str | None]]] = {pi: [] for pi in range(len(parents))}
+        if replies:
+            for (pi, reason), reply in zip(parent_para_jobs + para_jobs, replies, strict=True):
                 text = reply.texts[0] if reply.texts else ""
                 found = parse_tagged(text, "paragraph")
                 if found:
