@@ -69,8 +69,16 @@ class DurableCacheStore:
         self._retry_now = asyncio.Event()  # a flush cuts the writer's backoff short
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, dict]:
-        async with self.db.transaction() as session:
-            return await CacheRepository(session).get_many(keys)
+        """The stored answers among `keys`; none while the database is unreachable (a lookup is only a shortcut:
+        the job goes on asking the model, and its answers wait in the write queue until the database is back)."""
+        try:
+            async with self.db.transaction() as session:
+                return await CacheRepository(session).get_many(keys)
+        except Exception as exc:
+            if not is_connection_error(exc):
+                raise
+            log.warning("cache lookup skipped (database unreachable): %s", type(exc).__name__)
+            return {}
 
     def submit(self, key: str | None, model_id: str, value: dict, usage: Usage) -> None:
         if key is not None:
