@@ -14,6 +14,7 @@ import time
 import asyncpg
 import httpx
 import pytest
+import sqlalchemy as sa
 from prometheus_client import REGISTRY
 
 from app.jobs.faults import Fault, classify, retry_delay
@@ -429,3 +430,42 @@ async def test_a_worker_that_starts_while_the_llm_server_is_down_waits_for_it(da
             proxy.restore()
             job = await wait_for_status(client, job_id, {"succeeded", "failed"}, wait_s=120)
     assert job["status"] == "succeeded" and job["attempts"] == 1, job
+
+
+async def test_a_write_whose_commit_answer_is_lost_is_not_charged_twice(db):
+    """The commit reaches Postgres but the connection drops before its answer does: the writer cannot know, tries
+    again, finds its marker row, and does not store or charge the batch a second time."""
+    from app.cache.repository import CacheRepository
+    from app.cache.store import DurableCacheStore
+
+    class LosesOneCommitAnswer:
+        def __init__(self, inner) -> None:
+            self.inner = inner
+            self.lost = False
+
+        @contextlib.asynccontextmanager
+        async def transaction(self):
+            async with self.inner.transaction() as session:
+                yield session
+            if not self.lost:  # committed; the client hears of a dropped connection instead
+                self.lost = True
+                raise ConnectionResetError("connection reset after COMMIT")
+
+    tag = f"ambiguous-{time.time_ns()}"
+
+    async def charge(session, usage: Usage) -> None:  # a charge that commits or not with the batch
+        await CacheRepository(session).put_many([(f"{tag}-charge-{time.time_ns()}", "m", {"calls": usage.llm_calls})])
+
+    store = DurableCacheStore(LosesOneCommitAnswer(db), charge)
+    keys = [f"{tag}-{i}" for i in range(3)]
+    for i, key in enumerate(keys):
+        store.submit(key, "m", {"v": i}, Usage(llm_calls=1))
+    await store.flush()
+    store.submit(f"{tag}-later", "m", {"v": 9}, Usage(llm_calls=1))  # the next write goes on as usual
+    await store.aclose()
+    async with db.transaction() as session:
+        rows = await session.execute(sa.text("SELECT key, value FROM eval_cache WHERE key LIKE :p"), {"p": f"{tag}%"})
+        found = dict(rows.all())
+    charges = [v["calls"] for k, v in found.items() if "-charge-" in k]
+    assert sorted(charges) == [1, 3]  # the first batch charged once, then the later answer
+    assert {k for k in found if "-charge-" not in k} == {*keys, f"{tag}-later"}

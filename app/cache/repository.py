@@ -47,3 +47,7 @@ class CacheRepository:
         # executemany on the table: one cached statement, not an ORM bulk insert compiled for every batch.
         statement = insert(EvalCacheEntry.__table__).on_conflict_do_nothing(index_elements=["key"])
         await self.session.execute(statement, values)
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        if keys:
+            await self.session.execute(sa.delete(EvalCacheEntry.__table__).where(EvalCacheEntry.key.in_(list(keys))))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
@@ -21,6 +22,9 @@ from app.db import Database, is_connection_error
 from app.usage import Usage
 
 log = logging.getLogger(__name__)
+
+# Marker rows in the cache table (never a cache key: those are sha256 hex digests).
+_MARKER_PREFIX = "write:"
 
 # Adds usage to whoever pays for it, inside the cache write's transaction.
 ChargeUsage = Callable[[AsyncSession, Usage], Awaitable[None]]
@@ -67,6 +71,8 @@ class DurableCacheStore:
         self._task: asyncio.Task | None = None
         self._failing_since: float | None = None
         self._retry_now = asyncio.Event()  # a flush cuts the writer's backoff short
+        self._unconfirmed: tuple[list, Usage, str] | None = None  # a write whose commit is in doubt
+        self._last_marker: str | None = None
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, dict]:
         """The stored answers among `keys`; none while the database is unreachable (a lookup is only a shortcut:
@@ -113,18 +119,22 @@ class DurableCacheStore:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            rows, usage = self._rows, self._usage
-            self._rows, self._usage = [], Usage()
-            if rows or usage != Usage():
+            retry = self._unconfirmed is not None
+            if not retry:
+                rows, usage = self._rows, self._usage
+                self._rows, self._usage = [], Usage()
+                batch = (rows, usage, f"{_MARKER_PREFIX}{uuid.uuid4().hex}") if rows or usage != Usage() else None
+            else:
+                batch, self._unconfirmed = self._unconfirmed, None
+            if batch is not None:
                 try:
-                    await self._write(rows, usage)
+                    await self._write(*batch, retry=retry)
                 except Exception as exc:
                     if not is_connection_error(exc):
                         raise
-                    # Put them back in front (the order does not matter to the cache) and try again later.
-                    self._rows = rows + self._rows
-                    usage.add(self._usage)
-                    self._usage = usage
+                    # The commit may or may not have happened: the batch is tried again as it is, with its marker,
+                    # and dropped if the marker shows it was stored (and charged) after all.
+                    self._unconfirmed = batch
                     if self._failing_since is None:
                         self._failing_since = loop.time()
                     log.warning("cache write failed (database unreachable); retrying in %.1fs", delay)
@@ -137,11 +147,22 @@ class DurableCacheStore:
                 self._failing_since, delay = None, 0.2
                 if self.on_write is not None:
                     self.on_write()
-            if not self._rows and self._usage == Usage():
+                if self._rows or self._usage != Usage():
+                    self._wake.set()
+            if self._unconfirmed is None and not self._rows and self._usage == Usage():
                 self._idle.set()
 
-    async def _write(self, rows, usage: Usage) -> None:
+    async def _write(self, rows, usage: Usage, marker: str, *, retry: bool = False) -> None:
+        """Rows and the usage they cost in one transaction, with a marker row that says it committed (kept until
+        the next write, which removes it): a write whose commit answer was lost is not charged twice."""
         async with self.db.transaction() as session:
-            await CacheRepository(session).put_many(rows)
+            repo = CacheRepository(session)
+            if retry and await repo.get_many([marker]):
+                self._last_marker = marker
+                return  # the earlier try committed; its answer was lost on the way back
+            await repo.put_many([*rows, (marker, "", {})])
             if self.charge is not None and usage != Usage():
                 await self.charge(session, usage)
+            if self._last_marker is not None:
+                await repo.delete([self._last_marker])
+        self._last_marker = marker

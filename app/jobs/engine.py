@@ -297,6 +297,7 @@ class JobEngine:
         if saving is not None:
             await saving
         await self._score_test()
+        await self.evaluator.llm.flush()  # every answer stored and charged before the job can be marked finished
         return Outcome(stop_reason, self.selection)
 
     async def _save_step(self, record: StepRecord) -> None:
