@@ -268,12 +268,13 @@ class SimServer:
         n = int(body.get("n") or 1)
         max_tokens = int(body.get("max_tokens") or 256)
         seed = body.get("seed")
-        temperature = body.get("temperature")
+        temperature = body.get("temperature", 1.0)  # OpenAI's and vLLM's default: sampling
         prefill = len(tokens_of(rendered)) + 8
         fields = _output_fields(rendered)
         texts = []
         for j in range(n):
-            rng = random.Random(f"{rendered}|{seed}|{temperature}|{j}" if seed is not None or not temperature else None)
+            deterministic = seed is not None or temperature == 0
+            rng = random.Random(f"{rendered}|{seed}|{temperature}|{j}" if deterministic else None)
             length = min(max_tokens, rng.randint(20, 60))
             text = " ".join(rng.choice(WORDS) for _ in range(length)).capitalize() + "."
             if "<prompt>" in rendered:  # promptolution's meta-prompts ask for the new prompt in these tags
