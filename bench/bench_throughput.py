@@ -83,6 +83,18 @@ def scenarios(tag: str) -> dict[str, Scenario]:
         "bbt_small": Scenario(
             "BBT small over prompt_embeds", [method_job("bbt", {"preset": "small"}, tag + " f", backend="embeds")]
         ),
+        "apo8_1w": Scenario(
+            "8 APO small jobs, 1 worker",
+            [{**method_job("apo", {"preset": "small"}, f"{tag} j{i}"), "seed": i} for i in range(8)],
+            1,
+            8,
+        ),  # fmt: skip
+        "plum8_1w": Scenario(
+            "8 Plum small jobs, 1 worker",
+            [{**method_job("plum", {"preset": "small"}, f"{tag} k{i}"), "seed": i} for i in range(8)],
+            1,
+            8,
+        ),  # fmt: skip
         "opro8_1w": Scenario(
             "8 OPRO small jobs, 1 worker", [opro(4, "small", i, f"{tag} g{i}") for i in range(8)], 1, 8
         ),
