@@ -11,6 +11,8 @@ prompt at the end. It writes through a `JobSink` and knows nothing of leases, qu
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -275,36 +277,43 @@ class JobEngine:
         errors propagate to the caller, which owns the job's state."""
         self.search_budget.start()
         stop_reason = StopReason.COMPLETED
-        saving: asyncio.Task | None = None  # the previous step's checkpoint, written while the next step runs
+        # Step k's dev selection and checkpoint run while step k+1 already searches (the search does not depend on
+        # them); they finish in step order.
+        finishing: asyncio.Task | None = None
         try:
             while not self.optimizer.done:
                 self.search_budget.check_time()
                 report = await self.optimizer.step(self.ctx)
-                budget_hit, dev_scores = await self._select(report)
-                record = self._record(report, dev_scores)
-                if saving is not None:
-                    await saving  # checkpoints land in step order; a failed write surfaces here
-                saving = asyncio.create_task(self._save_step(record), name=f"save-step-{report.step}")
-                if budget_hit:
-                    raise BudgetExhausted("max_llm_calls")
+                checkpoint = copy.deepcopy(self.optimizer.state_dict())  # before the next step moves it on
+                if finishing is not None:
+                    await finishing  # a budget hit in its dev scoring, or a failed write, surfaces here
+                finishing = asyncio.create_task(self._finish_step(report, checkpoint), name=f"step-{report.step}")
+            if finishing is not None:
+                await finishing
         except BudgetExhausted as exc:
+            if finishing is not None:  # the step before still gets its selection and checkpoint
+                with contextlib.suppress(BudgetExhausted):
+                    await finishing
             log.info("search stopped: %s", exc)
             stop_reason = StopReason.BUDGET
         except BaseException:
-            if saving is not None and not saving.done():
-                saving.cancel()  # the attempt ends; the next one resumes from the last checkpoint written
+            if finishing is not None and not finishing.done():
+                finishing.cancel()  # the attempt ends; the next one resumes from the last checkpoint written
             raise
-        if saving is not None:
-            await saving
         await self._score_test()
         await self.evaluator.llm.flush()  # every answer stored and charged before the job can be marked finished
         return Outcome(stop_reason, self.selection)
 
-    async def _save_step(self, record: StepRecord) -> None:
-        """Wait until the step's answers are stored and charged, then write its checkpoint: a checkpoint never
-        claims work whose usage could still be lost."""
+    async def _finish_step(self, report: StepReport, checkpoint: dict[str, Any]) -> None:
+        """Dev selection for the step, then its checkpoint, once its answers are stored and charged (a checkpoint
+        never claims work whose usage could still be lost). Raises BudgetExhausted after saving if dev scoring
+        found the budget spent."""
+        budget_hit, dev_scores = await self._select(report)
+        record = self._record(report, dev_scores, checkpoint)
         await self.evaluator.llm.flush()
         await self.sink.step_done(record)
+        if budget_hit:
+            raise BudgetExhausted("max_llm_calls")
 
     async def _select(self, report: StepReport) -> tuple[bool, dict[int, PromptScore]]:
         """Model selection on the dev split: the step's leader among the eligible candidates is scored on dev when
@@ -345,14 +354,16 @@ class JobEngine:
             self.selection.best = entry
         return False, {index: dev}
 
-    def _record(self, report: StepReport, dev_scores: dict[int, PromptScore]) -> StepRecord:
+    def _record(
+        self, report: StepReport, dev_scores: dict[int, PromptScore], optimizer_state: dict[str, Any]
+    ) -> StepRecord:
         return StepRecord(
             step=report.step,
             total_steps=self.total_steps,
             candidates=report.candidates,
             dev_scores=dev_scores,
             selection=Selection.from_state(self.selection.to_state()),  # a snapshot: the next step moves on
-            checkpoint={"optimizer": self.optimizer.state_dict(), "engine": self.selection.to_state()},
+            checkpoint={"optimizer": optimizer_state, "engine": self.selection.to_state()},
             message=report.message,
             usage=replace(self.usage),
             elapsed_seconds=self.elapsed(),
