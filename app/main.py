@@ -18,7 +18,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.datasets.router import router as datasets_router
 from app.db import Database, is_connection_error
 from app.deps import Services
+from app.docs_pages import install_docs
 from app.errors import ServiceError
+from app.input_guard import InputGuard
 from app.jobs.router import router as jobs_router
 from app.jobs.schemas import normalize_job_error
 from app.llm.registry import BackendRegistry
@@ -138,8 +140,12 @@ def create_app(
         version="0.1.0",
         description="Self-hosted prompt optimization: submit a job, poll or stream it, read the best prompt.",
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
+    install_docs(app)
     install_error_handlers(app)
+    app.add_middleware(InputGuard, settings=settings.api)
     app.include_router(jobs_router)
     app.include_router(datasets_router)
     app.include_router(system_router)

@@ -81,6 +81,15 @@ class QueueSettings(BaseModel):
     db_outage_seconds: float = Field(default=180.0, gt=0)
 
 
+class ApiSettings(BaseModel):
+    # Request bodies: JSON (jobs, datasets) and multipart uploads (JSONL datasets); larger ones get 413 as soon as
+    # the declared length or the streamed bytes pass the limit.
+    max_body_bytes: int = Field(default=16 * 1024**2, ge=1024)
+    max_upload_bytes: int = Field(default=64 * 1024**2, ge=1024)
+    # JSON nested deeper than this is refused with 422.
+    max_json_depth: int = Field(default=64, ge=4, le=10_000)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="PROMPTOPT_", env_nested_delimiter="__", env_file=".env", extra="ignore"
@@ -91,6 +100,7 @@ class Settings(BaseSettings):
     # "saq" (Redis) or "inprocess" (embedded mode).
     queue_backend: Literal["saq", "inprocess"] = "saq"
     queue: QueueSettings = Field(default_factory=QueueSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
     data_dir: Path = Field(default_factory=default_data_dir)
     backends: dict[str, BackendSettings] = Field(default_factory=lambda: {"default": BackendSettings()})
     api_keys: list[str] = Field(default_factory=list)
@@ -120,6 +130,7 @@ class Settings(BaseSettings):
             "PROMPTOPT_REDIS_URL": self.redis_url,
             "PROMPTOPT_QUEUE_BACKEND": self.queue_backend,
             "PROMPTOPT_QUEUE": self.queue.model_dump_json(),
+            "PROMPTOPT_API": self.api.model_dump_json(),
             "PROMPTOPT_BACKENDS": json.dumps({k: v.model_dump() for k, v in self.backends.items()}),
             "PROMPTOPT_DATA_DIR": str(self.data_dir),
         }

@@ -230,3 +230,20 @@ async def test_openapi_docs(app_client):
     schema = (await app_client.get("/openapi.json")).json()
     assert "/v1/jobs" in schema["paths"]
     assert (await app_client.get("/docs")).status_code == 200
+
+
+async def test_docs_pages_work_offline(app_client):
+    """Swagger UI and ReDoc come from the package: the pages name no other host, and every asset they load is
+    served here."""
+    import re
+
+    for page in ("/docs", "/redoc"):
+        response = await app_client.get(page)
+        assert response.status_code == 200
+        html = response.text
+        assert not re.search(r"(src|href)=[\"']?(https?:)?//", html), html
+        assets = re.findall(r"(?:src|href)=[\"']?(/static/docs/[^\"' >]+)", html)
+        assert assets, html
+        for asset in assets:
+            served = await app_client.get(asset)
+            assert served.status_code == 200 and len(served.content) > 1000, asset

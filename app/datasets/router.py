@@ -15,8 +15,6 @@ from app.errors import InvalidPayload, NotFound
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
-MAX_UPLOAD_BYTES = 50 * 1024 * 1024
-
 
 @router.post(
     "",
@@ -49,9 +47,7 @@ async def create_dataset(request: Request, services: ServicesDep, tenant: Tenant
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
             raise InvalidPayload(["file"], "a JSONL file is required (multipart field 'file')")
-        raw = await upload.read(MAX_UPLOAD_BYTES + 1)
-        if len(raw) > MAX_UPLOAD_BYTES:
-            raise InvalidPayload(["file"], f"file larger than {MAX_UPLOAD_BYTES} bytes")
+        raw = await upload.read()  # the whole request was bounded by api.max_upload_bytes (413 beyond)
         name = form.get("name") or upload.filename or "upload"
         payload = service.parse_jsonl(str(name), raw)
     else:

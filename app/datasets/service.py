@@ -12,6 +12,7 @@ from app.datasets.models import Dataset
 from app.datasets.repository import DatasetRepository
 from app.datasets.schemas import DatasetCreate, DatasetRead, ExampleIn, TaskDefaults
 from app.errors import InvalidPayload, NotFound
+from app.input_guard import disallowed_at
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -65,7 +66,13 @@ def parse_jsonl(name: str, raw: bytes) -> DatasetCreate:
         if not line.strip():
             continue
         try:
-            examples.append(ExampleIn.model_validate(json.loads(line)))
+            record = json.loads(line)
+            problem = disallowed_at(record)
+            if problem is not None:
+                raise InvalidPayload(["file", f"line {number}", *problem[0]], problem[1])
+            examples.append(ExampleIn.model_validate(record))
+        except RecursionError as exc:
+            raise InvalidPayload(["file", f"line {number}"], "nested too deeply") from exc
         except json.JSONDecodeError as exc:
             raise InvalidPayload(["file", f"line {number}"], f"not valid JSON: {exc.msg}") from exc
         except ValidationError as exc:
