@@ -104,6 +104,9 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=default_data_dir)
     backends: dict[str, BackendSettings] = Field(default_factory=lambda: {"default": BackendSettings()})
     api_keys: list[str] = Field(default_factory=list)
+    # The evaluation cache: "tenant" (answers are found only by jobs of the tenant that paid for them) or "shared"
+    # (every tenant's jobs use each other's answers; for a single team).
+    cache_scope: Literal["tenant", "shared"] = "tenant"
     log_level: str = "INFO"
     # A worker process serves its Prometheus metrics (attempts, retries, breakers) on this port when set.
     worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
@@ -131,6 +134,7 @@ class Settings(BaseSettings):
             "PROMPTOPT_QUEUE_BACKEND": self.queue_backend,
             "PROMPTOPT_QUEUE": self.queue.model_dump_json(),
             "PROMPTOPT_API": self.api.model_dump_json(),
+            "PROMPTOPT_CACHE_SCOPE": self.cache_scope,
             "PROMPTOPT_BACKENDS": json.dumps({k: v.model_dump() for k, v in self.backends.items()}),
             "PROMPTOPT_DATA_DIR": str(self.data_dir),
         }

@@ -351,6 +351,7 @@ class JobRunner:
                 breaker_for=self.registry.breaker,
                 guard=attempt.lease,
                 notice=self._notice(attempt),
+                cache_scope=job.tenant if self.settings.cache_scope == "tenant" else None,
             )
             outcome = await engine.run()
         except asyncio.CancelledError:

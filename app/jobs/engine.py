@@ -216,6 +216,7 @@ class _Meters:
     breaker_for: Callable[[str], CircuitBreaker] | None = None
     guard: SendGuard | None = None
     notice: OutageNotice | None = None
+    cache_scope: str | None = None
 
     def __call__(self, backend: LLMBackend, budget: Budget) -> MeteredLLM:
         return MeteredLLM(
@@ -227,6 +228,7 @@ class _Meters:
             breaker=self.breaker_for(backend.name) if self.breaker_for is not None else None,
             guard=self.guard,
             notice=self.notice,
+            cache_scope=self.cache_scope,
         )
 
 
@@ -246,15 +248,17 @@ class JobEngine:
         breaker_for: Callable[[str], CircuitBreaker] | None = None,
         guard: SendGuard | None = None,
         notice: OutageNotice | None = None,
+        cache_scope: str | None = None,
     ) -> None:
-        """`breaker_for(backend name)`: the backend's circuit breaker (jobs wait through its outages); `guard`:
-        checked before every LLM send (fencing); `notice`: told when the job starts and stops waiting."""
+        """`cache_scope`: the evaluation cache's scope (the job's tenant; None: shared). `breaker_for(backend name)`:
+        the backend's circuit breaker (jobs wait through its outages); `guard`: checked before every LLM send
+        (fencing); `notice`: told when the job starts and stops waiting."""
         self.plan = plan
         self.sink = sink
         self.usage = usage
         self.optimizer = plan.new_optimizer(checkpoint["optimizer"] if checkpoint else None)
         self.selection = Selection.from_state(checkpoint["engine"] if checkpoint else None)
-        self._meter = _Meters(usage, store, lru, breaker_for, guard, notice)
+        self._meter = _Meters(usage, store, lru, breaker_for, guard, notice, cache_scope)
         self._scorer = scorer
         self.search_budget = plan.search_budget(scorer, elapsed_before)
         self.evaluator = Evaluator(plan.task, self._meter(scorer, self.search_budget))

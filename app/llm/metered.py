@@ -55,8 +55,14 @@ PREFIX_CAPABILITY = {
 }
 
 
-def cache_key(model_id: str, kind: str, request: GenerationRequest | LabelScoreRequest) -> str:
-    payload = json.dumps([model_id, kind, request.cache_payload()], sort_keys=True, ensure_ascii=False)
+def cache_key(
+    model_id: str, kind: str, request: GenerationRequest | LabelScoreRequest, scope: str | None = None
+) -> str:
+    """`scope`: whose cache (a tenant); None: the cache shared by everyone (keys as they always were)."""
+    parts: list = [model_id, kind, request.cache_payload()]
+    if scope is not None:
+        parts.append({"scope": scope})
+    payload = json.dumps(parts, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -72,8 +78,12 @@ class MeteredLLM:
         breaker: CircuitBreaker | None = None,
         guard: SendGuard | None = None,
         notice: OutageNotice | None = None,
+        cache_scope: str | None = None,
     ) -> None:
+        """`cache_scope`: answers are cached (and found) only within this scope, e.g. the job's tenant, so one
+        tenant never learns what another evaluated nor gets work another paid for."""
         self.backend = backend
+        self.cache_scope = cache_scope
         self.usage = usage
         self.budget = budget
         self.store = store
@@ -151,7 +161,8 @@ class MeteredLLM:
     async def _run_gated(self, kind, requests, token_bound, call, on_value) -> list[dict]:
         model_id = self.backend.info.model_id
         results: list[dict | None] = [None] * len(requests)
-        keys: list[str | None] = [cache_key(model_id, kind, r) if r.deterministic else None for r in requests]
+        scope = self.cache_scope
+        keys: list[str | None] = [cache_key(model_id, kind, r, scope) if r.deterministic else None for r in requests]
         # 1. in-process LRU, 2. durable store, 3. the model. Duplicates inside one batch are sent once.
         durable_lookup = []
         for i, key in enumerate(keys):
