@@ -128,3 +128,57 @@ def test_cache_key_covers_decoding_params():
         cache_key("m", "generate", GenerationRequest("p", temperature=1.0, seed=2)),
     }
     assert len(keys) == 5
+
+
+class SlowBackend(CountingBackend):
+    """Answers after a pause (so two jobs overlap), or fails every request when `fail` is set."""
+
+    def __init__(self, fail: bool = False):
+        super().__init__()
+        self.fail = fail
+
+    async def label_logprobs(self, requests, on_result=None):
+        import asyncio
+
+        from app.llm.port import BackendError
+
+        await asyncio.sleep(0.05)
+        if self.fail:
+            self.sent.extend(requests)
+            raise BackendError("refused")
+        return await super().label_logprobs(requests, on_result)
+
+
+async def test_two_jobs_missing_the_cache_at_once_send_each_request_once():
+    import asyncio
+
+    from app.cache.flights import Flights
+
+    backend, flights = SlowBackend(), Flights()
+    jobs = [
+        MeteredLLM(backend, usage=Usage(), budget=Budget(), store=None, lru=LRU(100), flights=flights) for _ in range(2)
+    ]
+    requests = [LabelScoreRequest(f"p{i}", (" a", " b")) for i in range(5)]
+    first, second = await asyncio.gather(jobs[0].label_logprobs(requests), jobs[1].label_logprobs(requests[::-1]))
+    assert len(backend.sent) == 5  # one request each, for both jobs
+    assert [s.logprobs for s in first] == [s.logprobs for s in second[::-1]]
+    assert jobs[0].usage.llm_calls == 5 and jobs[0].usage.cache_hits == 0
+    assert jobs[1].usage.llm_calls == 0 and jobs[1].usage.cache_hits == 5  # the other job paid
+    assert len(flights) == 0
+
+
+async def test_a_job_waiting_on_a_failed_flight_sends_the_request_itself():
+    import asyncio
+
+    from app.cache.flights import Flights
+
+    failing, working, flights = SlowBackend(fail=True), SlowBackend(), Flights()
+    first = MeteredLLM(failing, usage=Usage(), budget=Budget(), store=None, lru=LRU(100), flights=flights)
+    second = MeteredLLM(working, usage=Usage(), budget=Budget(), store=None, lru=LRU(100), flights=flights)
+    requests = [LabelScoreRequest(f"q{i}", (" a", " b")) for i in range(3)]
+    outcome = await asyncio.gather(
+        first.label_logprobs(requests), second.label_logprobs(requests), return_exceptions=True
+    )
+    assert isinstance(outcome[0], Exception) and len(outcome[1]) == 3
+    assert len(working.sent) == 3 and second.usage.llm_calls == 3
+    assert len(flights) == 0

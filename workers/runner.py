@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from app.cache.flights import Flights
 from app.cache.lru import LRU
 from app.cache.store import DurableCacheStore
 from app.datasets.repository import DatasetRepository
@@ -210,6 +211,7 @@ class JobRunner:
         self.worker_id = worker_id
         # One in-process LRU in front of the durable cache, shared by every job of this process.
         self.lru = LRU(100_000)
+        self.flights = Flights()  # this worker's requests in flight, shared by its jobs
         self._event_tasks: set[asyncio.Task] = set()  # outage events being written (kept referenced)
 
     async def run(self, job_id: str, heartbeat: Heartbeat | None = None) -> None:
@@ -352,6 +354,7 @@ class JobRunner:
                 guard=attempt.lease,
                 notice=self._notice(attempt),
                 cache_scope=job.tenant if self.settings.cache_scope == "tenant" else None,
+                flights=self.flights,
             )
             outcome = await engine.run()
         except asyncio.CancelledError:

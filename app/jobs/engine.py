@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
+from app.cache.flights import Flights
 from app.cache.lru import LRU
 from app.cache.store import CacheStore
 from app.evaluation.evaluator import Evaluator, Prompt, PromptScore
@@ -27,7 +28,7 @@ from app.jobs.models import StopReason
 from app.llm.breaker import CircuitBreaker
 from app.llm.metered import MeteredLLM, OutageNotice, SendGuard
 from app.llm.port import LLMBackend
-from app.optimizers.base import CandidateResult, MethodParams, Optimizer, OptimizerContext, StepReport
+from app.optimizers.base import CandidateResult, MethodParams, Optimizer, OptimizerContext, StepReport, settle
 from app.optimizers.registry import METHODS
 from app.usage import Budget, BudgetExhausted, Usage
 
@@ -217,6 +218,7 @@ class _Meters:
     guard: SendGuard | None = None
     notice: OutageNotice | None = None
     cache_scope: str | None = None
+    flights: Flights | None = None
 
     def __call__(self, backend: LLMBackend, budget: Budget) -> MeteredLLM:
         return MeteredLLM(
@@ -229,6 +231,7 @@ class _Meters:
             guard=self.guard,
             notice=self.notice,
             cache_scope=self.cache_scope,
+            flights=self.flights,
         )
 
 
@@ -249,8 +252,10 @@ class JobEngine:
         guard: SendGuard | None = None,
         notice: OutageNotice | None = None,
         cache_scope: str | None = None,
+        flights: Flights | None = None,
     ) -> None:
-        """`cache_scope`: the evaluation cache's scope (the job's tenant; None: shared). `breaker_for(backend name)`:
+        """`cache_scope`: the evaluation cache's scope (the job's tenant; None: shared); `flights`: the worker's
+        requests in flight, shared by its jobs (single-flight). `breaker_for(backend name)`:
         the backend's circuit breaker (jobs wait through its outages); `guard`: checked before every LLM send
         (fencing); `notice`: told when the job starts and stops waiting."""
         self.plan = plan
@@ -258,7 +263,7 @@ class JobEngine:
         self.usage = usage
         self.optimizer = plan.new_optimizer(checkpoint["optimizer"] if checkpoint else None)
         self.selection = Selection.from_state(checkpoint["engine"] if checkpoint else None)
-        self._meter = _Meters(usage, store, lru, breaker_for, guard, notice, cache_scope)
+        self._meter = _Meters(usage, store, lru, breaker_for, guard, notice, cache_scope, flights)
         self._scorer = scorer
         self.search_budget = plan.search_budget(scorer, elapsed_before)
         self.evaluator = Evaluator(plan.task, self._meter(scorer, self.search_budget))
@@ -300,9 +305,11 @@ class JobEngine:
                     await finishing
             log.info("search stopped: %s", exc)
             stop_reason = StopReason.BUDGET
-        except BaseException:
-            if finishing is not None and not finishing.done():
-                finishing.cancel()  # the attempt ends; the next one resumes from the last checkpoint written
+        except BaseException as exc:
+            # The attempt ends; the next one resumes from the last checkpoint written. The step before finishes its
+            # dev scoring unless the job is being cancelled, so requests it sent are answered and charged.
+            if finishing is not None:
+                await settle([finishing], exc)
             raise
         await self._score_test()
         await self.evaluator.llm.flush()  # every answer stored and charged before the job can be marked finished

@@ -6,6 +6,7 @@ Optimizers and the evaluator only ever see a `MeteredLLM`; it has the same `gene
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
@@ -14,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Protocol
 
+from app.cache.flights import Flights
 from app.cache.lru import LRU
 from app.cache.store import CacheStore
 from app.llm.breaker import CircuitBreaker
@@ -79,11 +81,14 @@ class MeteredLLM:
         guard: SendGuard | None = None,
         notice: OutageNotice | None = None,
         cache_scope: str | None = None,
+        flights: Flights | None = None,
     ) -> None:
         """`cache_scope`: answers are cached (and found) only within this scope, e.g. the job's tenant, so one
-        tenant never learns what another evaluated nor gets work another paid for."""
+        tenant never learns what another evaluated nor gets work another paid for. `flights`: the process's
+        requests in flight, shared by its jobs, so two jobs missing the cache on one request send it once."""
         self.backend = backend
         self.cache_scope = cache_scope
+        self.flights = flights
         self.usage = usage
         self.budget = budget
         self.store = store
@@ -201,11 +206,56 @@ class MeteredLLM:
                 for i, value in enumerate(results):
                     if value is not None:
                         on_value(i, value)
-        if not to_send:
-            return results  # type: ignore[return-value]
 
+        def deliver(i: int, value: dict) -> None:
+            """Request i (and its duplicates in this batch) answered with `value`."""
+            key = keys[i]
+            for index in pending[key] if key is not None else [i]:
+                results[index] = value
+                if on_value is not None:
+                    on_value(index, value)
+
+        # Requests another job of this process is sending right now: wait for its answer instead (single-flight).
+        borrowed: dict[int, asyncio.Future] = {}
+        if self.flights is not None:
+            mine = []
+            for i in to_send:
+                key = keys[i]
+                future = self.flights.waiting_for(key) if key is not None else None
+                if future is not None:
+                    borrowed[i] = future
+                    continue
+                if key is not None:
+                    self.flights.start(key)
+                mine.append(i)
+            to_send = mine
+        if to_send:
+            await self._send(requests, keys, to_send, results, token_bound, call, deliver, model_id)
+        if borrowed:
+            unanswered = []
+            for i, future in borrowed.items():
+                value = await future
+                if value is None:
+                    unanswered.append(i)
+                    continue
+                self.usage.cache_hits += 1  # another job paid for it
+                if self.store is not None:
+                    self.store.submit(None, model_id, {}, Usage(cache_hits=1))
+                deliver(i, value)
+            if unanswered:  # its sender gave up: ask (or find in the cache) ourselves
+                values = await self._run_gated(kind, [requests[i] for i in unanswered], token_bound, call, None)
+                for i, value in zip(unanswered, values, strict=True):
+                    deliver(i, value)
+        return results  # type: ignore[return-value]
+
+    async def _send(self, requests, keys, to_send, results, token_bound, call, deliver, model_id) -> None:
+        """Send `to_send` (indices into `requests`) under the budget, through the breaker and the send guard."""
         reserve_tokens = sum(token_bound(requests[i]) for i in to_send)
-        self.budget.reserve(self.usage, len(to_send), reserve_tokens)
+        try:
+            self.budget.reserve(self.usage, len(to_send), reserve_tokens)
+        except BaseException:
+            self._abandon(keys, to_send, results)
+            raise
 
         sent: list[int] = to_send
 
@@ -218,16 +268,13 @@ class MeteredLLM:
             )
             # Charged once per answered request, whatever retries it took inside the backend.
             self.usage.add(delta)
-            results[i] = value
             if key is not None:
                 self.lru.put(key, value)
-                for other in pending[key][1:]:
-                    results[other] = value
+                if self.flights is not None:
+                    self.flights.answered(key, value)
             if self.store is not None:
                 self.store.submit(key, model_id, value, delta)
-            if on_value is not None:
-                for index in pending[key] if key is not None else [i]:
-                    on_value(index, value)
+            deliver(i, value)
 
         try:
             while True:
@@ -247,12 +294,19 @@ class MeteredLLM:
                     break
         finally:
             self.budget.release(len(to_send), reserve_tokens)
+            self._abandon(keys, to_send, results)
         # Answers are written (and charged) by the store in the background; the engine waits for them before each
         # checkpoint (`flush`), not here, so the next batch is not held up by a database round trip.
         missing = [i for i in to_send if results[i] is None]
         if missing:
             raise RuntimeError(f"backend {self.backend.name!r} did not report {len(missing)} results")
-        return results  # type: ignore[return-value]
+
+    def _abandon(self, keys, indices, results) -> None:
+        """Whoever waits on a request this job will not answer after all sends it themselves."""
+        if self.flights is not None:
+            for i in indices:
+                if results[i] is None and keys[i] is not None:
+                    self.flights.abandoned(keys[i])
 
     async def _before_send(self) -> None:
         if self.breaker is not None and self.breaker.is_open:

@@ -40,6 +40,7 @@ from app.optimizers.base import (
     derived_rng,
     derived_seed,
     instruction_hash,
+    settle,
 )
 
 Expansion = Literal["random", "reject_on_errors"]
@@ -387,9 +388,9 @@ class Apo(Optimizer):
         )
         try:
             return await self._expand(ctx, rnd, parents, batch, stats, parent_para_jobs, parent_paraphrasing)
-        finally:
-            if parent_paraphrasing is not None and not parent_paraphrasing.done():
-                parent_paraphrasing.cancel()
+        except BaseException as exc:
+            await settle([parent_paraphrasing] if parent_paraphrasing is not None else [], exc)
+            raise
 
     async def _expand(self, ctx, rnd, parents, batch, stats, parent_para_jobs, parent_paraphrasing) -> ExpansionResult:
         p = self.params

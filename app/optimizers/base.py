@@ -15,8 +15,10 @@ Optimizers import nothing from FastAPI, SQLAlchemy, Redis or SAQ.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -283,3 +285,15 @@ class Optimizer(ABC):
         positions = state.get("scoring_positions", state["method"].get("scoring_positions"))
         self.scoring_positions = None if positions is None else [int(p) for p in positions]
         self._load_state(state["method"])
+
+
+async def settle(tasks: Iterable[asyncio.Task], error: BaseException) -> None:
+    """After `error` stopped a step, deal with the step's other LLM tasks: cancelled if the job itself is being
+    cancelled, otherwise awaited (their own errors ignored), so requests already sent are answered and charged
+    rather than thrown away unpaid (e.g. the budget ran out in one of several concurrent scorings)."""
+    tasks = list(tasks)
+    if isinstance(error, asyncio.CancelledError):
+        for task in tasks:
+            task.cancel()
+    if tasks:  # finished ones too: their errors are retrieved here, not reported as never retrieved
+        await asyncio.gather(*tasks, return_exceptions=True)

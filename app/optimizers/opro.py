@@ -40,6 +40,7 @@ from app.optimizers.base import (
     derived_rng,
     derived_seed,
     instruction_hash,
+    settle,
     train_subset_field,
 )
 
@@ -484,9 +485,9 @@ class Opro(Optimizer):
                 await sample(range(wanted, 2 * wanted - parsed_count))
             order = sorted(survivors, key=lambda instruction: survivors[instruction][:2])
             scores = [(await scoring[instruction])[0] for instruction in order]
-        finally:
-            for task in scoring.values():
-                task.cancel()
+        except BaseException as exc:
+            await settle(scoring.values(), exc)
+            raise
         results = self._remember(order, scores, step, examples)
         for result in results:
             result.details = {"raw": survivors[result.prompt][2][:_RAW_DETAIL_CHARS], "exemplars": picks}
