@@ -3,6 +3,17 @@
 from app.cache.models import EvalCacheEntry
 from app.datasets.models import Dataset
 from app.db import Base
+from app.idempotency.models import IdempotencyRecord
 from app.jobs.models import Candidate, CandidateEvaluation, Checkpoint, Job, JobEvent
 
-__all__ = ["Base", "Candidate", "CandidateEvaluation", "Checkpoint", "Dataset", "EvalCacheEntry", "Job", "JobEvent"]
+__all__ = [
+    "Base",
+    "Candidate",
+    "CandidateEvaluation",
+    "Checkpoint",
+    "Dataset",
+    "EvalCacheEntry",
+    "IdempotencyRecord",
+    "Job",
+    "JobEvent",
+]

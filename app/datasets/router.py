@@ -2,8 +2,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from app.datasets import service
@@ -12,6 +13,7 @@ from app.datasets.repository import DatasetRepository
 from app.datasets.schemas import DatasetCreate, DatasetPage, DatasetRead
 from app.deps import ServicesDep, TenantDep
 from app.errors import InvalidPayload, NotFound
+from app.idempotency.service import MAX_KEY_LENGTH, create_once
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -39,7 +41,17 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
         }
     },
 )
-async def create_dataset(request: Request, services: ServicesDep, tenant: TenantDep) -> DatasetRead:
+async def create_dataset(
+    request: Request,
+    services: ServicesDep,
+    tenant: TenantDep,
+    idempotency_key: str | None = Header(
+        None,
+        alias="Idempotency-Key",
+        max_length=MAX_KEY_LENGTH,
+        description="A repeat with the same key and content returns the original answer; another content is a 409.",
+    ),
+):
     """Create a dataset from a JSON body `{"name", "examples": [{"input", "target"}]}` or a JSONL file upload."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
@@ -61,9 +73,16 @@ async def create_dataset(request: Request, services: ServicesDep, tenant: Tenant
             raise RequestValidationError(
                 [{**err, "loc": ("body", *err["loc"])} for err in exc.errors(include_url=False)]
             ) from exc
-    async with services.db.transaction() as session:
+
+    async def create(session) -> tuple[int, dict]:
         row = await service.create_dataset(DatasetRepository(session), payload, tenant)
-        return service.dataset_read(row, examples_limit=0)
+        return 201, service.dataset_read(row, examples_limit=0).model_dump(mode="json")
+
+    body = payload.model_dump(mode="json")
+    replayed, created = await create_once(services.db, tenant, "datasets", idempotency_key, body, create)
+    if replayed is not None:
+        return replayed
+    return JSONResponse(created, status_code=201)
 
 
 @router.get("", response_model=DatasetPage)

@@ -13,6 +13,7 @@ from fastapi.responses import StreamingResponse
 from app.datasets.repository import DatasetRepository
 from app.deps import ServicesDep, TenantDep
 from app.errors import InvalidPayload
+from app.idempotency.service import MAX_KEY_LENGTH, create_once
 from app.jobs import service
 from app.jobs.models import JobStatus
 from app.jobs.repository import JobRepository
@@ -46,9 +47,25 @@ async def enqueue_committed(services, job_id: str) -> None:
         await JobRepository(session).set_queue_key(job_id, key)
 
 
-@router.post("", status_code=202, response_model=JobRead)
-async def submit_job(payload: JobCreate, services: ServicesDep, tenant: TenantDep) -> JobRead:  # type: ignore[valid-type]
-    async with services.db.transaction() as session:
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobRead,
+    responses={409: {"description": "the Idempotency-Key was already used with a different body"}},
+)
+async def submit_job(
+    payload: JobCreate,  # type: ignore[valid-type]
+    services: ServicesDep,
+    tenant: TenantDep,
+    idempotency_key: str | None = Header(
+        None,
+        alias="Idempotency-Key",
+        max_length=MAX_KEY_LENGTH,
+        description="Retry-safe submission: a repeat with the same key and body returns the original answer "
+        "(and creates nothing); the same key with another body is a 409.",
+    ),
+):
+    async def create(session) -> tuple[int, dict]:
         job, warnings = await service.submit_job(
             payload,
             jobs=JobRepository(session),
@@ -58,9 +75,15 @@ async def submit_job(payload: JobCreate, services: ServicesDep, tenant: TenantDe
         )
         read = service.job_read(job, with_spec=True)
         read.warnings = warnings
-    JOBS_SUBMITTED.labels(method=job.method).inc()
-    await enqueue_committed(services, job.id)
-    return read
+        return 202, read.model_dump(mode="json")
+
+    body = payload.model_dump(mode="json")
+    replayed, created = await create_once(services.db, tenant, "jobs", idempotency_key, body, create)
+    if replayed is not None:
+        return replayed
+    JOBS_SUBMITTED.labels(method=created["method"]).inc()
+    await enqueue_committed(services, created["id"])
+    return created
 
 
 @router.get("", response_model=JobPage)
