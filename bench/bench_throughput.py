@@ -133,6 +133,20 @@ def settings_for(database_url: str, redis_url: str, sim_url: str, weights: str, 
     )
 
 
+def result_row(scenario: str, stats: dict, wall: float, calls: int, cpu: float) -> dict:
+    """One table row: the server's bound and counters for the work, the client's wall time and CPU seconds."""
+    return {
+        "scenario": scenario,
+        "bound_s": stats["bound_s"],
+        "wall_s": round(wall, 2),
+        "efficiency": round(stats["bound_s"] / wall, 3),
+        "calls": calls,
+        "requests": stats["requests"],
+        "mean_batch": stats["mean_batch"],
+        "cpu_ms_per_call": round(1000 * cpu / max(1, calls), 3),
+    }
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -194,16 +208,7 @@ async def run_scenario(scenario: Scenario, database_url: str, redis_url: str, si
         raise RuntimeError(f"{scenario.name}: jobs failed: {failed}\n{logs.read()[-3000:].decode(errors='replace')}")
     wall = max(_time(j["finished_at"]) for j in jobs) - min(_time(j["started_at"]) for j in jobs)
     calls = sum(j["usage"]["llm_calls"] for j in jobs)
-    return {
-        "scenario": scenario.name,
-        "bound_s": stats["bound_s"],
-        "wall_s": round(wall, 2),
-        "efficiency": round(stats["bound_s"] / wall, 3),
-        "calls": calls,
-        "requests": stats["requests"],
-        "mean_batch": stats["mean_batch"],
-        "cpu_ms_per_call": round(1000 * cpu / max(1, calls), 3),
-    }
+    return result_row(scenario.name, stats, wall, calls, cpu)
 
 
 async def bare_client(sim_url: str, total: int, in_flight: int, per_request: int) -> dict:
@@ -230,16 +235,8 @@ async def bare_client(sim_url: str, total: int, in_flight: int, per_request: int
     wall = time.monotonic() - started
     cpu = time.process_time() - cpu_before
     stats = await sim_stats(sim_root)
-    return {
-        "scenario": f"bare client, {total} prompts, {in_flight} in flight, {per_request} a request",
-        "bound_s": stats["bound_s"],
-        "wall_s": round(wall, 2),
-        "efficiency": round(stats["bound_s"] / wall, 3),
-        "calls": total,
-        "requests": stats["requests"],
-        "mean_batch": stats["mean_batch"],
-        "cpu_ms_per_call": round(1000 * cpu / total, 3),
-    }
+    name = f"bare client, {total} prompts, {in_flight} in flight, {per_request} a request"
+    return result_row(name, stats, wall, total, cpu)
 
 
 PEERS = {
@@ -272,16 +269,7 @@ async def run_peer(key: str, sim_url: str, workdir: Path) -> dict:
     wall = json.loads(out.decode().strip().splitlines()[-1])["wall_s"]
     stats = await sim_stats(sim_root)
     cpu = (after.children_user + after.children_system) - (before.children_user + before.children_system)
-    return {
-        "scenario": title,
-        "bound_s": stats["bound_s"],
-        "wall_s": wall,
-        "efficiency": round(stats["bound_s"] / wall, 3),
-        "calls": stats["sequences"],
-        "requests": stats["requests"],
-        "mean_batch": stats["mean_batch"],
-        "cpu_ms_per_call": round(1000 * cpu / max(1, stats["sequences"]), 3),
-    }
+    return result_row(title, stats, wall, stats["sequences"], cpu)
 
 
 async def request_path(sim_url: str, total: int, database_url: str | None) -> dict:
@@ -320,16 +308,7 @@ async def request_path(sim_url: str, total: int, database_url: str | None) -> di
         await store.aclose()
         await db.dispose()
     where = "with the Postgres cache store" if db else "without a store"
-    return {
-        "scenario": f"promptopt request path {where}, {total} prompts",
-        "bound_s": stats["bound_s"],
-        "wall_s": round(wall, 2),
-        "efficiency": round(stats["bound_s"] / wall, 3),
-        "calls": total,
-        "requests": stats["requests"],
-        "mean_batch": stats["mean_batch"],
-        "cpu_ms_per_call": round(1000 * cpu / total, 3),
-    }
+    return result_row(f"promptopt request path {where}, {total} prompts", stats, wall, total, cpu)
 
 
 def start_worker(env: dict, log) -> subprocess.Popen:

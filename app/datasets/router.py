@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
@@ -13,7 +13,7 @@ from app.datasets.repository import DatasetRepository
 from app.datasets.schemas import DatasetCreate, DatasetPage, DatasetRead
 from app.deps import ServicesDep, TenantDep
 from app.errors import InvalidPayload, NotFound
-from app.idempotency.service import MAX_KEY_LENGTH, create_once
+from app.idempotency.service import IdempotencyKey, create_once
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -22,6 +22,7 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
     "",
     status_code=201,
     response_model=DatasetRead,
+    responses={409: {"description": "the Idempotency-Key was already used with a different body"}},
     openapi_extra={
         "requestBody": {
             "content": {
@@ -45,12 +46,7 @@ async def create_dataset(
     request: Request,
     services: ServicesDep,
     tenant: TenantDep,
-    idempotency_key: str | None = Header(
-        None,
-        alias="Idempotency-Key",
-        max_length=MAX_KEY_LENGTH,
-        description="A repeat with the same key and content returns the original answer; another content is a 409.",
-    ),
+    idempotency_key: IdempotencyKey = None,
 ):
     """Create a dataset from a JSON body `{"name", "examples": [{"input", "target"}]}` or a JSONL file upload."""
     content_type = request.headers.get("content-type", "")

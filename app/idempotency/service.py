@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Annotated, Any
 
+from fastapi import Header
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
 
@@ -19,6 +20,17 @@ from app.errors import Conflict
 from app.idempotency.repository import IdempotencyRepository
 
 MAX_KEY_LENGTH = 200
+
+# The header a POST route takes to be retry-safe.
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        max_length=MAX_KEY_LENGTH,
+        description="Retry-safe submission: a repeat with the same key and body returns the original answer "
+        "(and creates nothing); the same key with another body is a 409.",
+    ),
+]
 
 
 def request_hash(body: Any) -> str:

@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from app.datasets.repository import DatasetRepository
 from app.deps import ServicesDep, TenantDep
 from app.errors import InvalidPayload
-from app.idempotency.service import MAX_KEY_LENGTH, create_once
+from app.idempotency.service import IdempotencyKey, create_once
 from app.jobs import service
 from app.jobs.models import JobStatus
 from app.jobs.repository import JobRepository
@@ -57,13 +57,7 @@ async def submit_job(
     payload: JobCreate,  # type: ignore[valid-type]
     services: ServicesDep,
     tenant: TenantDep,
-    idempotency_key: str | None = Header(
-        None,
-        alias="Idempotency-Key",
-        max_length=MAX_KEY_LENGTH,
-        description="Retry-safe submission: a repeat with the same key and body returns the original answer "
-        "(and creates nothing); the same key with another body is a 409.",
-    ),
+    idempotency_key: IdempotencyKey = None,
 ):
     async def create(session) -> tuple[int, dict]:
         job, warnings = await service.submit_job(
