@@ -37,12 +37,9 @@ class InFlightLimit:
         self._limit = max(1, int(limit))
         self._wake()
 
-    def weight_for(self, weight: int) -> int:
-        return max(1, min(int(weight), self._limit))
-
     async def acquire(self, weight: int) -> int:
         """Take `weight` slots (cut to the limit); returns the weight taken, to pass to `release`."""
-        weight = self.weight_for(weight)
+        weight = max(1, min(int(weight), self._limit))
         if not self._waiters and self.in_flight + weight <= self._limit:
             self.in_flight += weight
             return weight
