@@ -3,7 +3,8 @@
 An ASGI middleware, so it sees every route (present and future) the same way:
   * a body larger than the limit is refused with 413 as soon as the declared length or the bytes streamed in
     pass it (JSON bodies `max_body_bytes`, multipart uploads `max_upload_bytes`), never read in full first;
-  * a JSON body nested deeper than `max_json_depth`, or too deep for the parser, is a 422, not a 500;
+  * a JSON body nested deeper than `max_json_depth`, or too deep for the parser, is a 422, not a 500, and so is
+    one that is not UTF-8;
   * a NUL, another C0 control character (tab, newline and carriage return are fine) or a lone surrogate in a
     JSON string, a query parameter or the path is a 422 naming where it is (Postgres rejects them in text, so
     they would otherwise fail deep inside a job).
@@ -125,6 +126,8 @@ class InputGuard:
             value = json.loads(body)
         except RecursionError:
             return ["body"], f"nested deeper than {self.settings.max_json_depth} levels"
+        except UnicodeDecodeError:
+            return ["body"], "is not valid UTF-8"  # the route's parser would answer 400, not the usual 422
         except ValueError:
             return None  # not JSON: the route's own parser answers with its usual 422
         found = disallowed_at(value, self.settings.max_json_depth)

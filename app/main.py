@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from app.datasets.router import router as datasets_router
 from app.db import Database, is_connection_error
@@ -23,9 +24,13 @@ from app.errors import ServiceError
 from app.input_guard import InputGuard
 from app.jobs.router import router as jobs_router
 from app.jobs.schemas import normalize_job_error
+from app.keys.service import KeyChecker
 from app.llm.registry import BackendRegistry
 from app.migrate import upgrade_async
+from app.openapi_responses import install_schemas
 from app.queue import InProcessJobQueue, JobQueue, SaqJobQueue
+from app.quotas.counters import MemoryWindowCounters, RedisWindowCounters
+from app.quotas.service import Quotas
 from app.settings import Settings
 from app.system_router import router as system_router
 
@@ -57,10 +62,25 @@ def _validation_details(errors) -> list[dict]:
     return details
 
 
+_HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """The methods some route answers at the request's path (asked of the routes, which may be nested routers)."""
+    path = {"type": "http", "path": request.scope["path"], "root_path": request.scope.get("root_path", "")}
+    return [
+        method
+        for method in _HTTP_METHODS
+        if any(route.matches({**path, "method": method})[0] == Match.FULL for route in request.app.router.routes)
+    ]
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse(error_body(exc.code, exc.message, exc.details), status_code=exc.status_code)
+        return JSONResponse(
+            error_body(exc.code, exc.message, exc.details), status_code=exc.status_code, headers=exc.headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -69,9 +89,13 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body("validation_error", message, details), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # The router's own `Allow` names only the first route at the path; GET and POST /v1/jobs are two.
+            headers["Allow"] = ", ".join(allowed_methods(request))
+        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code, headers=headers)
 
     # Registered for the exception classes themselves (not only under `Exception`), so Starlette answers them
     # without re-raising to the server, which keeps the client's keep-alive connection open.
@@ -119,7 +143,19 @@ def create_app(
         )
         backends = registry or BackendRegistry(settings)
         await backends.probe_all()
-        services = Services(settings=settings, db=db, queue=job_queue, registry=backends)
+        counters = (
+            MemoryWindowCounters()
+            if embedded or settings.queue_backend == "inprocess"
+            else RedisWindowCounters(settings.redis_url, settings.quotas.redis_prefix)
+        )
+        services = Services(
+            settings=settings,
+            db=db,
+            queue=job_queue,
+            registry=backends,
+            keys=KeyChecker(db, settings.api_keys, settings.api.key_cache_seconds),
+            quotas=Quotas(settings.quotas, counters),
+        )
         app.state.services = services
         worker_task = asyncio.create_task(worker(services)) if worker is not None else None
         try:
@@ -133,6 +169,7 @@ def create_app(
                 await job_queue.aclose()
             if registry is None:
                 await backends.aclose()
+            await services.quotas.aclose()
             await db.dispose()
 
     app = FastAPI(
@@ -144,6 +181,7 @@ def create_app(
         redoc_url=None,
     )
     install_docs(app)
+    install_schemas(app)
     install_error_handlers(app)
     app.add_middleware(InputGuard, settings=settings.api)
     app.include_router(jobs_router)

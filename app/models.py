@@ -5,8 +5,10 @@ from app.datasets.models import Dataset
 from app.db import Base
 from app.idempotency.models import IdempotencyRecord
 from app.jobs.models import Candidate, CandidateEvaluation, Checkpoint, Job, JobEvent
+from app.keys.models import ApiKey
 
 __all__ = [
+    "ApiKey",
     "Base",
     "Candidate",
     "CandidateEvaluation",

@@ -81,6 +81,19 @@ class QueueSettings(BaseModel):
     db_outage_seconds: float = Field(default=180.0, gt=0)
 
 
+class InputLimits(BaseModel):
+    """What one request may carry; past a limit the answer is a 422 naming the field and the limit. The request
+    schema's own maximums are hard ceilings above these."""
+
+    max_template_chars: int = Field(default=20_000, ge=100, le=200_000)
+    max_prompt_chars: int = Field(default=20_000, ge=100, le=200_000)  # initial_prompt
+    max_labels: int = Field(default=1_000, ge=2, le=10_000)
+    max_label_chars: int = Field(default=200, ge=1, le=1_000)  # a label or its verbalizer word(s)
+    max_examples_per_dataset: int = Field(default=100_000, ge=3, le=1_000_000)
+    max_example_chars: int = Field(default=20_000, ge=100, le=100_000)  # an example's input or target
+    max_predict_inputs: int = Field(default=1_000, ge=1, le=10_000)
+
+
 class ApiSettings(BaseModel):
     # Request bodies: JSON (jobs, datasets) and multipart uploads (JSONL datasets); larger ones get 413 as soon as
     # the declared length or the streamed bytes pass the limit.
@@ -88,6 +101,34 @@ class ApiSettings(BaseModel):
     max_upload_bytes: int = Field(default=64 * 1024**2, ge=1024)
     # JSON nested deeper than this is refused with 422.
     max_json_depth: int = Field(default=64, ge=4, le=10_000)
+    limits: InputLimits = Field(default_factory=InputLimits)
+    # Stored API keys are looked up once per this many seconds per process: a revoked key stops working within it.
+    key_cache_seconds: float = Field(default=5.0, ge=0)
+
+
+class QuotaLimits(BaseModel):
+    """Per tenant; None means unlimited. Requests and submissions are counted in fixed windows shared by every API
+    process (Redis); concurrent jobs and LLM calls are read from the database."""
+
+    requests_per_second: int | None = Field(default=200, ge=1)
+    submissions_per_minute: int | None = Field(default=600, ge=1)
+    # Jobs queued or running at once.
+    concurrent_jobs: int | None = Field(default=500, ge=1)
+    # LLM calls made by the jobs a tenant submitted since midnight UTC; new jobs are refused once it is reached.
+    llm_calls_per_day: int | None = Field(default=10_000_000, ge=1)
+
+
+class QuotaSettings(BaseModel):
+    default: QuotaLimits = Field(default_factory=QuotaLimits)
+    # Overrides per tenant; the fields a tenant's entry leaves out come from `default`.
+    tenants: dict[str, QuotaLimits] = Field(default_factory=dict)
+    redis_prefix: str = "promptopt:quota"
+
+    def limits(self, tenant: str) -> QuotaLimits:
+        override = self.tenants.get(tenant)
+        if override is None:
+            return self.default
+        return self.default.model_copy(update=override.model_dump(exclude_unset=True))
 
 
 class Settings(BaseSettings):
@@ -101,6 +142,7 @@ class Settings(BaseSettings):
     queue_backend: Literal["saq", "inprocess"] = "saq"
     queue: QueueSettings = Field(default_factory=QueueSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    quotas: QuotaSettings = Field(default_factory=QuotaSettings)
     data_dir: Path = Field(default_factory=default_data_dir)
     backends: dict[str, BackendSettings] = Field(default_factory=lambda: {"default": BackendSettings()})
     api_keys: list[str] = Field(default_factory=list)
@@ -134,6 +176,7 @@ class Settings(BaseSettings):
             "PROMPTOPT_QUEUE_BACKEND": self.queue_backend,
             "PROMPTOPT_QUEUE": self.queue.model_dump_json(),
             "PROMPTOPT_API": self.api.model_dump_json(),
+            "PROMPTOPT_QUOTAS": self.quotas.model_dump_json(exclude_unset=True),
             "PROMPTOPT_CACHE_SCOPE": self.cache_scope,
             "PROMPTOPT_BACKENDS": json.dumps({k: v.model_dump() for k, v in self.backends.items()}),
             "PROMPTOPT_DATA_DIR": str(self.data_dir),

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Response
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, Query, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
-from app.deps import ServicesDep
+from app.deps import ServicesDep, get_principal
+from app.openapi_responses import V1_ERRORS, error_responses
 from app.optimizers.registry import METHODS
 
-router = APIRouter(tags=["system"])
+# `router` holds both: the /v1 routes, with their common errors, and the probes and metrics, which have none of them.
+# Behind the API keys like every /v1 route (the backends list shows infrastructure).
+v1_router = APIRouter(tags=["system"], responses=V1_ERRORS, dependencies=[Depends(get_principal)])
+probes_router = APIRouter(tags=["system"])
 
 
 class MethodRead(BaseModel):
@@ -46,7 +50,15 @@ class BackendRead(BaseModel):
     )
 
 
-@router.get("/v1/methods", response_model=list[MethodRead])
+class Readiness(BaseModel):
+    status: Literal["ready", "not ready"]
+    checks: dict[str, str] = Field(
+        description='"ok" or "error: <why>" for `database` and `queue`, which make the API unready; each '
+        "`backend:<name>` is reported but does not."
+    )
+
+
+@v1_router.get("/v1/methods", response_model=list[MethodRead])
 async def list_methods(
     n_train: Annotated[int, Query(ge=1, le=1_000_000, description="Training examples, for `expected_calls`.")] = 112,
     n_dev: Annotated[int, Query(ge=0, le=1_000_000, description="Dev examples, for `expected_calls`.")] = 56,
@@ -76,7 +88,7 @@ async def list_methods(
     return out
 
 
-@router.get("/v1/backends", response_model=list[BackendRead])
+@v1_router.get("/v1/backends", response_model=list[BackendRead])
 async def list_backends(services: ServicesDep) -> list[BackendRead]:
     registry = services.registry
     out = []
@@ -97,12 +109,17 @@ async def list_backends(services: ServicesDep) -> list[BackendRead]:
     return out
 
 
-@router.get("/healthz")
+@probes_router.get("/healthz", responses=error_responses(422))
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@probes_router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "The database or the queue is unreachable."}}
+    | error_responses(422),
+)
 async def readyz(services: ServicesDep) -> JSONResponse:
     checks: dict[str, str] = {}
     for name, probe in (("database", services.db.ping), ("queue", services.queue.ping)):
@@ -128,6 +145,12 @@ async def readyz(services: ServicesDep) -> JSONResponse:
     )
 
 
-@router.get("/metrics")
+@probes_router.get("/metrics", response_class=PlainTextResponse, responses=error_responses(422))
 async def metrics() -> Response:
+    """Prometheus text exposition format."""
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+router = APIRouter()
+router.include_router(v1_router)
+router.include_router(probes_router)

@@ -253,5 +253,80 @@ def cancel(
     asyncio.run(go())
 
 
+keys_cli = typer.Typer(help="API keys stored (hashed) in the database: create, list, revoke.", no_args_is_help=True)
+cli.add_typer(keys_cli, name="keys")
+
+
+async def _with_keys(work):
+    from app.db import Database
+    from app.keys.repository import ApiKeyRepository
+
+    db = Database(Settings().database_url)
+    try:
+        async with db.transaction() as session:
+            return await work(ApiKeyRepository(session))
+    finally:
+        await db.dispose()
+
+
+@keys_cli.command("create")
+def keys_create(
+    tenant: str = typer.Option(..., "--tenant", help="The tenant the key acts for."),
+    name: str = typer.Option(None, help="A label to tell keys apart."),
+    admin: bool = typer.Option(False, "--admin", help="May also list every tenant's jobs and datasets."),
+) -> None:
+    """Create a key and print it once (only its hash is stored)."""
+    from app.keys.service import new_key
+
+    if not tenant or len(tenant) > 64:
+        raise typer.BadParameter("1 to 64 characters", param_hint="--tenant")
+    record, key = new_key(tenant, name=name, role="admin" if admin else "user")
+    asyncio.run(_with_keys(lambda keys: keys.add(record)))
+    console.print(f"created key {record.id} for tenant {tenant!r} ({record.role}); it is shown only now:", style="bold")
+    print(key)
+
+
+@keys_cli.command("list")
+def keys_list(
+    tenant: str = typer.Option(None, "--tenant", help="Only this tenant's keys."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """List keys (never the keys themselves: their id, prefix, tenant, role and state)."""
+    rows = asyncio.run(_with_keys(lambda keys: keys.list(tenant)))
+    items = [
+        {
+            "id": r.id,
+            "prefix": r.prefix,
+            "tenant": r.tenant,
+            "name": r.name,
+            "role": r.role,
+            "created_at": r.created_at.isoformat(),
+            "revoked_at": r.revoked_at.isoformat() if r.revoked_at else None,
+        }
+        for r in rows
+    ]
+    if as_json:
+        print(json.dumps(items, indent=2))
+        return
+    table = Table("id", "prefix", "tenant", "name", "role", "created", "revoked")
+    for item in items:
+        table.add_row(
+            *(str(item[k] or "-") for k in ("id", "prefix", "tenant", "name", "role", "created_at")),
+            str(item["revoked_at"] or "-"),
+        )
+    console.print(table)
+
+
+@keys_cli.command("revoke")
+def keys_revoke(key_id: str = typer.Argument(..., help="The key's id or its prefix (as `keys list` shows).")) -> None:
+    """Revoke a key: API processes refuse it within `api.key_cache_seconds`."""
+    revoked = asyncio.run(_with_keys(lambda keys: keys.revoke(key_id)))
+    if not revoked:
+        console.print(f"no active key with id or prefix {key_id!r}", style="red")
+        raise typer.Exit(1)
+    for record in revoked:
+        console.print(f"revoked {record.id} ({record.prefix}, tenant {record.tenant!r})")
+
+
 def main() -> None:
     cli()

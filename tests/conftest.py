@@ -20,7 +20,7 @@ from app.llm.registry import BackendRegistry
 from app.main import create_app
 from app.migrate import upgrade_async
 from app.queue import SaqJobQueue
-from app.settings import BackendSettings, QueueSettings, Settings
+from app.settings import BackendSettings, QueueSettings, QuotaLimits, QuotaSettings, Settings
 from tests.fakes.fake_vllm import FakeVLLMServer
 
 PG_ADMIN = os.environ.get("PROMPTOPT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -78,7 +78,12 @@ def make_settings(database_url: str, fake_base_url: str, **queue_overrides) -> S
             **queue_overrides,
         }
     )
+    # Tests submit and poll far faster than a person; the quota tests set their own limits.
+    unlimited = QuotaLimits(
+        requests_per_second=None, submissions_per_minute=None, concurrent_jobs=None, llm_calls_per_day=None
+    )
     return Settings(
+        quotas=QuotaSettings(default=unlimited, redis_prefix=f"promptopt-test-{SESSION_TAG}:quota"),
         database_url=database_url,
         redis_url=REDIS_URL,
         queue_backend="saq",

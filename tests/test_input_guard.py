@@ -4,12 +4,14 @@ never a 500, and nothing reaches the database or a job."""
 from __future__ import annotations
 
 import json
+import uuid
 
 import httpx
 import pytest
 
 from app.input_guard import disallowed_at
 from app.main import create_app
+from app.settings import ApiSettings, InputLimits
 from tests.conftest import label_job
 
 
@@ -102,3 +104,82 @@ def test_disallowed_at_finds_the_path_at_any_depth():
         node.append([])
         node = node[0]
     assert disallowed_at(deep, max_depth=64)[1] == "nested deeper than 64 levels"
+
+
+@pytest.fixture
+async def tight_client(settings):
+    """The API with small configured input limits."""
+    limits = InputLimits(
+        max_template_chars=200,
+        max_prompt_chars=150,
+        max_labels=3,
+        max_label_chars=20,
+        max_examples_per_dataset=4,
+        max_example_chars=100,
+        max_predict_inputs=2,
+    )
+    app = create_app(settings.model_copy(update={"api": ApiSettings(limits=limits)}))
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            yield client
+
+
+@pytest.mark.parametrize(
+    ("patch", "loc", "setting"),
+    [
+        ({"task": {"template": "{prompt} {input}" + "x" * 200}}, ["body", "task", "template"], "max_template_chars"),
+        ({"initial_prompt": "y" * 151}, ["body", "initial_prompt"], "max_prompt_chars"),
+        ({"task": {"labels": ["a", "b", "c", "d"]}}, ["body", "task", "labels"], "max_labels"),
+        ({"task": {"labels": ["a", "b" * 21]}}, ["body", "task", "labels", "1"], "max_label_chars"),
+        (
+            {"task": {"labels": ["a", "b"], "verbalizer": {"a": "z" * 21}}},
+            ["body", "task", "verbalizer", "a"],
+            "max_label_chars",
+        ),
+    ],
+)
+async def test_job_strings_and_lists_are_bounded_by_settings(tight_client, patch, loc, setting):
+    newest_before = (await tight_client.get("/v1/jobs", params={"limit": 1})).json()["items"]
+    response = await tight_client.post("/v1/jobs", json=label_job(**patch))
+    assert response.status_code == 422, response.text
+    detail = error(response)["details"][0]
+    assert detail["loc"] == loc and f"api.limits.{setting}" in detail["msg"]
+    assert (await tight_client.get("/v1/jobs", params={"limit": 1})).json()["items"] == newest_before  # none stored
+
+
+async def test_within_the_limits_is_accepted(tight_client):
+    response = await tight_client.post("/v1/jobs", json=label_job(initial_prompt="y" * 150))
+    assert response.status_code == 202, response.text
+
+
+async def test_dataset_examples_are_bounded_by_settings(tight_client):
+    name = f"bounded-{uuid.uuid4().hex[:8]}"
+
+    def body(examples):
+        return {"name": name, "examples": examples}
+
+    five = [{"input": f"i{n}", "target": "t"} for n in range(5)]
+    too_many = await tight_client.post("/v1/datasets", json=body(five))
+    assert too_many.status_code == 422 and error(too_many)["details"][0]["loc"] == ["body", "examples"]
+    too_long = await tight_client.post("/v1/datasets", json=body([five[0], {"input": "x" * 101, "target": "t"}]))
+    assert error(too_long)["details"][0]["loc"] == ["body", "examples", "1", "input"]
+    jsonl = "\n".join(json.dumps(e) for e in five).encode()
+    upload = await tight_client.post(
+        "/v1/datasets", files={"file": ("d.jsonl", jsonl, "application/x-ndjson")}, data={"name": name}
+    )
+    assert upload.status_code == 422 and error(upload)["details"][0]["loc"] == ["body", "file"]
+    stored = (await tight_client.get("/v1/datasets", params={"limit": 200})).json()["items"]
+    assert name not in {d["name"] for d in stored}
+    assert (await tight_client.post("/v1/datasets", json=body(five[:4]))).status_code == 201
+
+
+async def test_predict_inputs_are_bounded_by_settings(tight_client):
+    response = await tight_client.post("/v1/jobs/any/predict", json={"inputs": ["a", "b", "c"]})
+    assert response.status_code == 422 and error(response)["details"][0]["loc"] == ["body", "inputs"]
+    response = await tight_client.post("/v1/jobs/any/predict", json={"inputs": ["a", "b" * 101]})
+    assert error(response)["details"][0]["loc"] == ["body", "inputs", "1"]
+
+
+async def test_schema_ceilings_hold_whatever_the_settings(app_client):
+    response = await app_client.post("/v1/jobs", json=label_job(task={"dataset": "d" * 201}))
+    assert response.status_code == 422 and error(response)["details"][0]["loc"] == ["body", "task", "dataset"]

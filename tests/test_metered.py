@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import socket
+import uuid
+
 import pytest
 
+from app.cache.flights import Flights, SharedFlights
 from app.llm.metered import LRU, MeteredLLM, cache_key
 from app.llm.port import BackendInfo, Capability, Generation, GenerationRequest, LabelScoreRequest, LabelScores
 from app.usage import Budget, BudgetExhausted, Usage
+from tests.conftest import REDIS_URL, SESSION_TAG
 
 
 class CountingBackend:
@@ -149,36 +156,64 @@ class SlowBackend(CountingBackend):
         return await super().label_logprobs(requests, on_result)
 
 
-async def test_two_jobs_missing_the_cache_at_once_send_each_request_once():
-    import asyncio
+@contextlib.asynccontextmanager
+async def two_workers_flights(shared: bool):
+    """The in-flight registries of two jobs: one process's (the same object), or two workers' on one Redis."""
+    if not shared:
+        flights = Flights()
+        yield flights, flights
+        return
+    prefix = f"promptopt-test-{SESSION_TAG}:flight:{uuid.uuid4().hex[:6]}"
+    pair = SharedFlights(REDIS_URL, prefix), SharedFlights(REDIS_URL, prefix)
+    try:
+        yield pair
+        left = await pair[0].redis.keys(f"{prefix}:*")
+        held = [await pair[0].redis.get(k) for k in left]
+        assert not [v for v in held if v.startswith(b"pending:")]  # every claim ended
+    finally:
+        for flights in pair:
+            await flights.aclose()
 
-    from app.cache.flights import Flights
 
-    backend, flights = SlowBackend(), Flights()
-    jobs = [
-        MeteredLLM(backend, usage=Usage(), budget=Budget(), store=None, lru=LRU(100), flights=flights) for _ in range(2)
-    ]
-    requests = [LabelScoreRequest(f"p{i}", (" a", " b")) for i in range(5)]
-    first, second = await asyncio.gather(jobs[0].label_logprobs(requests), jobs[1].label_logprobs(requests[::-1]))
-    assert len(backend.sent) == 5  # one request each, for both jobs
-    assert [s.logprobs for s in first] == [s.logprobs for s in second[::-1]]
-    assert jobs[0].usage.llm_calls == 5 and jobs[0].usage.cache_hits == 0
-    assert jobs[1].usage.llm_calls == 0 and jobs[1].usage.cache_hits == 5  # the other job paid
-    assert len(flights) == 0
+@pytest.mark.parametrize("shared", [False, True], ids=["one-worker", "two-workers"])
+async def test_two_jobs_missing_the_cache_at_once_send_each_request_once(shared):
+    async with two_workers_flights(shared) as (flights_a, flights_b):
+        backend_a, backend_b = SlowBackend(), SlowBackend()
+        job_a = MeteredLLM(backend_a, usage=Usage(), budget=Budget(), store=None, lru=LRU(100), flights=flights_a)
+        job_b = MeteredLLM(backend_b, usage=Usage(), budget=Budget(), store=None, lru=LRU(100), flights=flights_b)
+        requests = [LabelScoreRequest(f"p{i}", (" a", " b")) for i in range(5)]
+        first, second = await asyncio.gather(job_a.label_logprobs(requests), job_b.label_logprobs(requests[::-1]))
+        assert len(backend_a.sent) + len(backend_b.sent) == 5  # one request each, for both jobs
+        assert [s.logprobs for s in first] == [s.logprobs for s in second[::-1]]
+        assert job_a.usage.llm_calls + job_b.usage.llm_calls == 5
+        assert job_a.usage.cache_hits + job_b.usage.cache_hits == 5  # the other job paid
+        assert len(flights_a) == 0 and len(flights_b) == 0
 
 
-async def test_a_job_waiting_on_a_failed_flight_sends_the_request_itself():
-    import asyncio
+@pytest.mark.parametrize("shared", [False, True], ids=["one-worker", "two-workers"])
+async def test_a_job_waiting_on_a_failed_flight_sends_the_request_itself(shared):
+    async with two_workers_flights(shared) as (flights_a, flights_b):
+        failing, working = SlowBackend(fail=True), SlowBackend()
+        first = MeteredLLM(failing, usage=Usage(), budget=Budget(), store=None, lru=LRU(100), flights=flights_a)
+        second = MeteredLLM(working, usage=Usage(), budget=Budget(), store=None, lru=LRU(100), flights=flights_b)
+        requests = [LabelScoreRequest(f"q{i}", (" a", " b")) for i in range(3)]
+        outcome = await asyncio.gather(
+            first.label_logprobs(requests), second.label_logprobs(requests), return_exceptions=True
+        )
+        assert isinstance(outcome[0], Exception) and len(outcome[1]) == 3
+        assert len(working.sent) == 3 and second.usage.llm_calls == 3
+        assert len(flights_a) == 0 and len(flights_b) == 0
 
-    from app.cache.flights import Flights
 
-    failing, working, flights = SlowBackend(fail=True), SlowBackend(), Flights()
-    first = MeteredLLM(failing, usage=Usage(), budget=Budget(), store=None, lru=LRU(100), flights=flights)
-    second = MeteredLLM(working, usage=Usage(), budget=Budget(), store=None, lru=LRU(100), flights=flights)
-    requests = [LabelScoreRequest(f"q{i}", (" a", " b")) for i in range(3)]
-    outcome = await asyncio.gather(
-        first.label_logprobs(requests), second.label_logprobs(requests), return_exceptions=True
-    )
-    assert isinstance(outcome[0], Exception) and len(outcome[1]) == 3
-    assert len(working.sent) == 3 and second.usage.llm_calls == 3
-    assert len(flights) == 0
+async def test_shared_flights_without_redis_send_for_themselves():
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    flights = SharedFlights(f"redis://127.0.0.1:{port}/0", "x")
+    try:
+        backend = SlowBackend()
+        job = MeteredLLM(backend, usage=Usage(), budget=Budget(), store=None, lru=LRU(100), flights=flights)
+        scores = await job.label_logprobs([LabelScoreRequest("r", (" a", " b"))])
+        assert len(scores) == 1 and len(backend.sent) == 1 and len(flights) == 0
+    finally:
+        await flights.aclose()

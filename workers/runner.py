@@ -204,14 +204,22 @@ def _public(entry) -> dict | None:
 
 
 class JobRunner:
-    def __init__(self, db: Database, registry: BackendRegistry, settings: Settings, worker_id: str) -> None:
+    def __init__(
+        self,
+        db: Database,
+        registry: BackendRegistry,
+        settings: Settings,
+        worker_id: str,
+        flights: Flights | None = None,
+    ) -> None:
+        """`flights`: requests in flight, shared by this worker's jobs (and by other workers' where shared)."""
         self.db = db
         self.registry = registry
         self.settings = settings
         self.worker_id = worker_id
         # One in-process LRU in front of the durable cache, shared by every job of this process.
         self.lru = LRU(100_000)
-        self.flights = Flights()  # this worker's requests in flight, shared by its jobs
+        self.flights = flights or Flights()
         self._event_tasks: set[asyncio.Task] = set()  # outage events being written (kept referenced)
 
     async def run(self, job_id: str, heartbeat: Heartbeat | None = None) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 
+from app.cache.flights import Flights, SharedFlights
 from app.db import Database
 from app.jobs.reconciler import run_reconciler
 from app.llm.registry import BackendRegistry
@@ -20,7 +21,13 @@ def worker_id() -> str:
 
 
 async def run_worker(settings: Settings, db: Database, queue: JobQueue, registry: BackendRegistry) -> None:
-    runner = JobRunner(db, registry, settings, worker_id())
+    # Single-flight across every worker on the queue's Redis, or within this process.
+    flights = (
+        SharedFlights(settings.redis_url, f"{settings.queue.name}:flight")
+        if settings.queue_backend == "saq"
+        else Flights()
+    )
+    runner = JobRunner(db, registry, settings, worker_id(), flights)
     consumer = asyncio.create_task(queue.run_consumer(runner.run, settings.queue.concurrency))
     sharing = asyncio.create_task(share_backends(queue, registry, runner.worker_id))
     reconciler = asyncio.create_task(
@@ -35,3 +42,4 @@ async def run_worker(settings: Settings, db: Database, queue: JobQueue, registry
         for task in (reconciler, consumer, sharing):
             task.cancel()
         await asyncio.gather(reconciler, consumer, sharing, return_exceptions=True)
+        await flights.aclose()

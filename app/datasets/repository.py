@@ -20,6 +20,9 @@ class DatasetRepository:
         query = sa.select(Dataset).where(Dataset.id == dataset_id, Dataset.tenant == tenant)
         return (await self.session.execute(query)).scalar_one_or_none()
 
-    async def list(self, *, tenant: str, limit: int, cursor: str | None) -> tuple[list[Dataset], str | None]:
-        query = sa.select(Dataset).where(Dataset.tenant == tenant)
+    async def list(self, *, tenant: str | None, limit: int, cursor: str | None) -> tuple[list[Dataset], str | None]:
+        """`tenant` None: every tenant's datasets."""
+        query = sa.select(Dataset)
+        if tenant is not None:
+            query = query.where(Dataset.tenant == tenant)
         return await newest_first(self.session, query, Dataset, limit=limit, cursor=cursor)

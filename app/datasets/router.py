@@ -11,22 +11,24 @@ from app.datasets import service
 from app.datasets.builtin import BUILTIN_TASKS
 from app.datasets.repository import DatasetRepository
 from app.datasets.schemas import DatasetCreate, DatasetPage, DatasetRead
-from app.deps import ServicesDep, TenantDep
+from app.deps import PrincipalDep, ServicesDep, TenantDep, TenantFilter, listed_tenant
 from app.errors import InvalidPayload, NotFound
 from app.idempotency.service import IdempotencyKey, create_once
+from app.input_limits import check_examples
+from app.openapi_responses import BODY_ERRORS, V1_ERRORS, error_responses, schema_ref
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=V1_ERRORS)
 
 
 @router.post(
     "",
     status_code=201,
     response_model=DatasetRead,
-    responses={409: {"description": "the Idempotency-Key was already used with a different body"}},
+    responses={**BODY_ERRORS, **error_responses(400, 409)},
     openapi_extra={
         "requestBody": {
             "content": {
-                "application/json": {"schema": DatasetCreate.model_json_schema()},
+                "application/json": {"schema": schema_ref(DatasetCreate)},
                 "multipart/form-data": {
                     "schema": {
                         "type": "object",
@@ -50,7 +52,8 @@ async def create_dataset(
 ):
     """Create a dataset from a JSON body `{"name", "examples": [{"input", "target"}]}` or a JSONL file upload."""
     content_type = request.headers.get("content-type", "")
-    if content_type.startswith("multipart/form-data"):
+    upload_form = content_type.startswith("multipart/form-data")
+    if upload_form:
         form = await request.form()
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
@@ -70,6 +73,8 @@ async def create_dataset(
                 [{**err, "loc": ("body", *err["loc"])} for err in exc.errors(include_url=False)]
             ) from exc
 
+    check_examples(["file"] if upload_form else ["examples"], payload.examples, services.settings.api.limits)
+
     async def create(session) -> tuple[int, dict]:
         row = await service.create_dataset(DatasetRepository(session), payload, tenant)
         return 201, service.dataset_read(row, examples_limit=0).model_dump(mode="json")
@@ -81,10 +86,11 @@ async def create_dataset(
     return JSONResponse(created, status_code=201)
 
 
-@router.get("", response_model=DatasetPage)
+@router.get("", response_model=DatasetPage, responses=error_responses(403))
 async def list_datasets(
     services: ServicesDep,
-    tenant: TenantDep,
+    principal: PrincipalDep,
+    tenant_filter: TenantFilter = None,
     source: Literal["uploaded", "builtin"] = "uploaded",
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: str | None = None,
@@ -93,13 +99,15 @@ async def list_datasets(
         return DatasetPage(items=[service.builtin_read(t, 0) for t in BUILTIN_TASKS.values()], next_cursor=None)
     async with services.db.transaction() as session:
         try:
-            rows, next_cursor = await DatasetRepository(session).list(tenant=tenant, limit=limit, cursor=cursor)
+            rows, next_cursor = await DatasetRepository(session).list(
+                tenant=listed_tenant(principal, tenant_filter), limit=limit, cursor=cursor
+            )
         except ValueError as exc:
-            raise InvalidPayload(["query", "cursor"], str(exc)) from exc
+            raise InvalidPayload(["cursor"], str(exc), location="query") from exc
         return DatasetPage(items=[service.dataset_read(r, 0) for r in rows], next_cursor=next_cursor)
 
 
-@router.get("/{dataset_id}", response_model=DatasetRead)
+@router.get("/{dataset_id}", response_model=DatasetRead, responses=error_responses(404))
 async def get_dataset(
     dataset_id: str,
     services: ServicesDep,

@@ -16,7 +16,7 @@ class DatasetCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(..., min_length=1, max_length=200)
-    examples: list[ExampleIn] = Field(..., min_length=1, max_length=100_000)
+    examples: list[ExampleIn] = Field(..., min_length=1, max_length=1_000_000)
 
 
 class TaskDefaults(BaseModel):
@@ -30,6 +30,7 @@ class TaskDefaults(BaseModel):
 
 class DatasetRead(BaseModel):
     id: str
+    tenant: str | None = Field(None, description="The owner (None for builtin tasks).")
     name: str
     source: str
     n_examples: int

@@ -47,6 +47,7 @@ def builtin_read(task: BuiltinTask, examples_limit: int) -> DatasetRead:
 def dataset_read(row: Dataset, examples_limit: int) -> DatasetRead:
     return DatasetRead(
         id=row.id,
+        tenant=row.tenant,
         name=row.name,
         source="uploaded",
         n_examples=row.n_examples,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -56,14 +56,30 @@ class JobRepository:
         return (await self.session.execute(query)).scalar_one_or_none()
 
     async def list(
-        self, *, tenant: str, status: str | None, method: str | None, limit: int, cursor: str | None
+        self, *, tenant: str | None, status: str | None, method: str | None, limit: int, cursor: str | None
     ) -> tuple[list[Job], str | None]:
-        query = sa.select(Job).where(Job.tenant == tenant)
+        """`tenant` None: every tenant's jobs."""
+        query = sa.select(Job)
+        if tenant is not None:
+            query = query.where(Job.tenant == tenant)
         if status:
             query = query.where(Job.status == status)
         if method:
             query = query.where(Job.method == method)
         return await newest_first(self.session, query, Job, limit=limit, cursor=cursor)
+
+    async def count_active(self, tenant: str) -> int:
+        query = sa.select(sa.func.count()).where(
+            Job.tenant == tenant, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])
+        )
+        return int((await self.session.execute(query)).scalar_one())
+
+    async def llm_calls_since(self, tenant: str, since: datetime) -> int:
+        """LLM calls charged so far to the tenant's jobs created at or after `since`."""
+        query = sa.select(sa.func.coalesce(sa.func.sum(Job.llm_calls), 0)).where(
+            Job.tenant == tenant, Job.created_at >= since
+        )
+        return int((await self.session.execute(query)).scalar_one())
 
     async def request_cancel(self, job_id: str) -> None:
         await self.session.execute(

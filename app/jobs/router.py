@@ -7,13 +7,14 @@ import json
 import logging
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Body, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
 from app.datasets.repository import DatasetRepository
-from app.deps import ServicesDep, TenantDep
+from app.deps import PrincipalDep, ServicesDep, TenantDep, TenantFilter, listed_tenant
 from app.errors import InvalidPayload
 from app.idempotency.service import IdempotencyKey, create_once
+from app.input_limits import check_job, check_predict_inputs
 from app.jobs import service
 from app.jobs.models import JobStatus
 from app.jobs.repository import JobRepository
@@ -28,11 +29,35 @@ from app.jobs.schemas import (
     job_create_type,
 )
 from app.metrics import JOBS_SUBMITTED
+from app.openapi_responses import BODY_ERRORS, V1_ERRORS, error_responses
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=V1_ERRORS)
+NOT_FOUND = error_responses(404)
+
+
+# One event of the stream (`itemSchema`: what OpenAPI 3.2 and FastAPI's own event streams use).
+JOB_EVENT = {
+    "type": "object",
+    "required": ["id", "event", "data"],
+    "properties": {
+        "id": {"type": "string", "description": "The event's id; send the last one seen as `Last-Event-ID` to resume."},
+        "event": {"type": "string", "description": "`state`, `step`, `warning`, `retry` or `cancel_requested`."},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {"type": "object", "required": ["created_at"]},
+        },
+    },
+}
 
 JobCreate = job_create_type()
+JOB_EXAMPLES = {
+    "opro": {
+        "summary": "OPRO on a bundled task, every other setting at its default",
+        "value": {"method": "opro", "task": {"dataset": "builtin:snli16"}},
+    }
+}
 
 
 async def enqueue_committed(services, job_id: str) -> None:
@@ -51,15 +76,18 @@ async def enqueue_committed(services, job_id: str) -> None:
     "",
     status_code=202,
     response_model=JobRead,
-    responses={409: {"description": "the Idempotency-Key was already used with a different body"}},
+    responses={**BODY_ERRORS, **error_responses(409)},
 )
 async def submit_job(
-    payload: JobCreate,  # type: ignore[valid-type]
+    payload: Annotated[JobCreate, Body(openapi_examples=JOB_EXAMPLES)],  # type: ignore[valid-type]
     services: ServicesDep,
     tenant: TenantDep,
     idempotency_key: IdempotencyKey = None,
 ):
+    check_job(payload, services.settings.api.limits)
+
     async def create(session) -> tuple[int, dict]:
+        await services.quotas.check_submission(tenant, JobRepository(session))
         job, warnings = await service.submit_job(
             payload,
             jobs=JobRepository(session),
@@ -80,10 +108,11 @@ async def submit_job(
     return created
 
 
-@router.get("", response_model=JobPage)
+@router.get("", response_model=JobPage, responses=error_responses(403))
 async def list_jobs(
     services: ServicesDep,
-    tenant: TenantDep,
+    principal: PrincipalDep,
+    tenant_filter: TenantFilter = None,
     status: JobStatus | None = None,
     method: str | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
@@ -92,27 +121,27 @@ async def list_jobs(
     async with services.db.transaction() as session:
         try:
             rows, next_cursor = await JobRepository(session).list(
-                tenant=tenant, status=status, method=method, limit=limit, cursor=cursor
+                tenant=listed_tenant(principal, tenant_filter), status=status, method=method, limit=limit, cursor=cursor
             )
         except ValueError as exc:
-            raise InvalidPayload(["query", "cursor"], str(exc)) from exc
+            raise InvalidPayload(["cursor"], str(exc), location="query") from exc
         return JobPage(items=[service.job_read(r) for r in rows], next_cursor=next_cursor)
 
 
-@router.get("/{job_id}", response_model=JobRead)
+@router.get("/{job_id}", response_model=JobRead, responses=NOT_FOUND)
 async def get_job(job_id: str, services: ServicesDep, tenant: TenantDep) -> JobRead:
     async with services.db.transaction() as session:
         return service.job_read(await service.get_job(JobRepository(session), job_id, tenant), with_spec=True)
 
 
-@router.post("/{job_id}/cancel", response_model=JobRead)
+@router.post("/{job_id}/cancel", response_model=JobRead, responses=NOT_FOUND)
 async def cancel_job(job_id: str, services: ServicesDep, tenant: TenantDep) -> JobRead:
     async with services.db.transaction() as session:
         job = await service.cancel_job(JobRepository(session), job_id, tenant)
         return service.job_read(job)
 
 
-@router.get("/{job_id}/candidates", response_model=CandidatePage)
+@router.get("/{job_id}/candidates", response_model=CandidatePage, responses=NOT_FOUND)
 async def list_candidates(
     job_id: str,
     services: ServicesDep,
@@ -127,7 +156,7 @@ async def list_candidates(
         try:
             rows, next_cursor = await repo.candidates(job_id, order=order, limit=limit, cursor=cursor)
         except (ValueError, TypeError) as exc:
-            raise InvalidPayload(["query", "cursor"], "malformed cursor") from exc
+            raise InvalidPayload(["cursor"], "malformed cursor", location="query") from exc
         items = [
             CandidateRead(
                 id=row.id,
@@ -144,7 +173,18 @@ async def list_candidates(
         return CandidatePage(items=items, next_cursor=next_cursor)
 
 
-@router.get("/{job_id}/events")
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,  # no media type of its own: the one below is the only one documented
+    responses={
+        200: {
+            "description": "Server-Sent Events, until the job has reached a final state and every event is sent; "
+            "comment lines keep the connection alive.",
+            "content": {"text/event-stream": {"itemSchema": JOB_EVENT}},
+        },
+        **NOT_FOUND,
+    },
+)
 async def job_events(
     job_id: str,
     request: Request,
@@ -158,7 +198,7 @@ async def job_events(
     try:
         after = int(last_event_id) if last_event_id else 0
     except ValueError as exc:
-        raise InvalidPayload(["header", "Last-Event-ID"], "must be an integer event id") from exc
+        raise InvalidPayload(["Last-Event-ID"], "must be an integer event id", location="header") from exc
 
     async def stream():
         nonlocal after
@@ -186,7 +226,7 @@ async def job_events(
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-@router.get("/{job_id}/artifact")
+@router.get("/{job_id}/artifact", responses=NOT_FOUND)
 async def get_artifact(
     job_id: str, services: ServicesDep, tenant: TenantDep, use: Literal["best", "initial"] = "best"
 ) -> dict:
@@ -195,9 +235,10 @@ async def get_artifact(
         return await service.job_artifact(JobRepository(session), job_id, tenant, use)
 
 
-@router.post("/{job_id}/predict", response_model=PredictOut)
+@router.post("/{job_id}/predict", response_model=PredictOut, responses={**BODY_ERRORS, **NOT_FOUND})
 async def predict(job_id: str, body: PredictIn, services: ServicesDep, tenant: TenantDep) -> PredictOut:
     """Apply the job's best (or initial) prompt - text or soft-prompt artifact - to new inputs."""
+    check_predict_inputs(body.inputs, services.settings.api.limits)
     async with services.db.transaction() as session:
         prompt, backend_name = await service.prediction_prompt(JobRepository(session), job_id, tenant, body)
     outputs = await service.predict(services.registry, prompt, backend_name, body.inputs)

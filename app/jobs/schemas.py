@@ -28,13 +28,17 @@ class SplitIn(Strict):
 
 
 class TaskIn(Strict):
-    dataset: str = Field(..., min_length=1, description="A dataset id or `builtin:<name>`.")
+    dataset: str = Field(..., min_length=1, max_length=200, description="A dataset id or `builtin:<name>`.")
     template: str | None = Field(
-        None, description="Text with `{prompt}` and `{input}`; default: the builtin task's template."
+        None,
+        max_length=200_000,
+        description="Text with `{prompt}` and `{input}`; default: the builtin task's template.",
     )
     metric: MetricName | None = None
-    labels: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=2)
-    verbalizer: dict[str, str] | None = None
+    labels: list[Annotated[str, Field(min_length=1, max_length=1_000)]] | None = Field(
+        None, min_length=2, max_length=10_000
+    )
+    verbalizer: dict[str, Annotated[str, Field(max_length=1_000)]] | None = None
     split: SplitIn = Field(default_factory=SplitIn)
     max_new_tokens: int | None = Field(None, ge=1, le=4096)
 
@@ -61,8 +65,8 @@ class TaskIn(Strict):
 
 
 class BackendsIn(Strict):
-    scorer: str = Field("default", description="Backend that runs the prompt being optimized.")
-    optimizer: str = Field("default", description="Backend that proposes / edits prompts.")
+    scorer: str = Field("default", max_length=64, description="Backend that runs the prompt being optimized.")
+    optimizer: str = Field("default", max_length=64, description="Backend that proposes / edits prompts.")
 
 
 class BudgetIn(Strict):
@@ -73,7 +77,7 @@ class BudgetIn(Strict):
 
 class JobCreateBase(Strict):
     task: TaskIn
-    initial_prompt: str | None = Field(None, max_length=20_000, description="Default: the builtin task's prompt.")
+    initial_prompt: str | None = Field(None, max_length=200_000, description="Default: the builtin task's prompt.")
     backends: BackendsIn = Field(default_factory=BackendsIn)
     budget: BudgetIn = Field(default_factory=BudgetIn)
     seed: int = Field(0, ge=0, le=2**31 - 1)
@@ -156,6 +160,7 @@ class PromptResult(BaseModel):
 
 class JobRead(BaseModel):
     id: str
+    tenant: str
     method: str
     status: str
     stop_reason: str | None
@@ -198,10 +203,12 @@ class CandidatePage(BaseModel):
 
 
 class PredictIn(Strict):
-    inputs: list[str] = Field(..., min_length=1, max_length=1000)
+    inputs: list[Annotated[str, Field(max_length=100_000)]] = Field(..., min_length=1, max_length=10_000)
     use: Literal["best", "initial"] = "best"
     backend: str | None = Field(
-        None, description="Backend to predict with (default: the job's scorer); a soft prompt needs the same model."
+        None,
+        max_length=64,
+        description="Backend to predict with (default: the job's scorer); a soft prompt needs the same model.",
     )
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from app.datasets.repository import DatasetRepository
 from app.datasets.service import BUILTIN_PREFIX, builtin_task, resolve_examples
-from app.errors import InvalidPayload, NotFound
+from app.errors import InvalidPayload, NotFound, ServiceUnavailable
 from app.evaluation.evaluator import Evaluator, Prompt, prompt_name
 from app.evaluation.task import Example, Task
 from app.jobs.engine import JobPlan, task_from_spec
@@ -16,6 +16,7 @@ from app.jobs.models import Job, JobStatus
 from app.jobs.repository import JobRepository
 from app.jobs.schemas import JobCreateBase, JobRead, PredictIn, Progress, PromptResult, UsageOut
 from app.llm.metered import PREFIX_CAPABILITY, MeteredLLM
+from app.llm.port import BackendUnavailable
 from app.llm.registry import BackendRegistry
 from app.optimizers.base import instruction_hash
 from app.optimizers.registry import METHODS
@@ -137,6 +138,7 @@ def job_read(job: Job, *, with_spec: bool = False) -> JobRead:
         fraction = min(1.0, job.step / total)
     return JobRead(
         id=job.id,
+        tenant=job.tenant,
         method=job.method,
         status=job.status,
         stop_reason=job.stop_reason,
@@ -236,5 +238,10 @@ async def predict(
             f"serves {backend.info.model_id!r}, and soft prompts do not transfer between models",
         )
     evaluator = Evaluator(prediction.task, MeteredLLM(backend, usage=Usage(), budget=Budget(), store=None))
-    (outputs,) = await evaluator.predict([prediction.prompt], [Example(text, "") for text in inputs])
+    try:
+        (outputs,) = await evaluator.predict([prediction.prompt], [Example(text, "") for text in inputs])
+    except BackendUnavailable as exc:
+        raise ServiceUnavailable(
+            f"backend {backend_name!r} is not answering; retry shortly", headers={"Retry-After": "5"}
+        ) from exc
     return outputs

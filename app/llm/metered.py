@@ -217,18 +217,11 @@ class MeteredLLM:
 
         # Requests another job of this process is sending right now: wait for its answer instead (single-flight).
         borrowed: dict[int, asyncio.Future] = {}
-        if self.flights is not None:
-            mine = []
-            for i in to_send:
-                key = keys[i]
-                future = self.flights.waiting_for(key) if key is not None else None
-                if future is not None:
-                    borrowed[i] = future
-                    continue
-                if key is not None:
-                    self.flights.start(key)
-                mine.append(i)
-            to_send = mine
+        keyed = [keys[i] for i in to_send if keys[i] is not None]
+        if self.flights is not None and keyed:
+            taken = await self.flights.claim(keyed)
+            borrowed = {i: taken[keys[i]] for i in to_send if keys[i] in taken}
+            to_send = [i for i in to_send if keys[i] not in taken]
         if to_send:
             await self._send(requests, keys, to_send, results, token_bound, call, deliver, model_id)
         if borrowed:
