@@ -32,6 +32,7 @@ from app.queue import InProcessJobQueue, JobQueue, SaqJobQueue
 from app.quotas.counters import MemoryWindowCounters, RedisWindowCounters
 from app.quotas.service import Quotas
 from app.settings import Settings
+from app.studies.router import router as studies_router
 from app.system_router import router as system_router
 
 log = logging.getLogger(__name__)
@@ -186,5 +187,6 @@ def create_app(
     app.add_middleware(InputGuard, settings=settings.api)
     app.include_router(jobs_router)
     app.include_router(datasets_router)
+    app.include_router(studies_router)
     app.include_router(system_router)
     return app

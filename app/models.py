@@ -6,6 +6,7 @@ from app.db import Base
 from app.idempotency.models import IdempotencyRecord
 from app.jobs.models import Candidate, CandidateEvaluation, Checkpoint, Job, JobEvent
 from app.keys.models import ApiKey
+from app.studies.models import Study
 
 __all__ = [
     "ApiKey",
@@ -18,4 +19,5 @@ __all__ = [
     "IdempotencyRecord",
     "Job",
     "JobEvent",
+    "Study",
 ]

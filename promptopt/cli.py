@@ -253,6 +253,169 @@ def cancel(
     asyncio.run(go())
 
 
+study_cli = typer.Typer(help="Studies: methods x seeds on one task, with a leaderboard.", no_args_is_help=True)
+cli.add_typer(study_cli, name="study")
+URL_OPTION = typer.Option("http://127.0.0.1:8000", envvar="PROMPTOPT_URL", help="The API (env PROMPTOPT_URL).")
+KEY_OPTION = typer.Option(None, envvar="PROMPTOPT_API_KEY", help="API key (env PROMPTOPT_API_KEY).")
+STUDY_DONE = {"completed", "cancelled"}
+
+
+def fail(message: str) -> typer.Exit:
+    console.print(f"error: {message}", style="red", highlight=False)
+    return typer.Exit(1)
+
+
+async def api_call(client: httpx.AsyncClient, method: str, path: str, **kwargs) -> dict:
+    """One API request; an expected failure becomes one line and exit code 1, never a traceback."""
+    try:
+        response = await client.request(method, path, **kwargs)
+    except httpx.TransportError as exc:
+        raise fail(f"cannot reach the API at {client.base_url} ({type(exc).__name__}); set PROMPTOPT_URL") from None
+    if response.status_code >= 400:
+        try:
+            error = response.json()["error"]
+            message = error["message"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text[:200]
+        raise fail(f"{response.status_code} {message}")
+    return response.json()
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def leaderboard_table(study: dict) -> Table:
+    table = Table(title=f"study {study['id']} ({study.get('name') or '-'}) - {study['status']}")
+    for column in ("arm", "method", "runs", "test mean ± sd", "95% interval", "vs initial", "vs baselines", "calls"):
+        table.add_column(column, justify="left" if column in ("arm", "method") else "right")
+
+    def versus(comparison: dict) -> str:
+        mark = "*" if comparison["significant"] else ""
+        return f"{comparison['difference']:+.3f} p={comparison['p_value']:.3g}{mark}"
+
+    for row in study.get("leaderboard") or []:
+        interval = row["test_interval"]
+        comparisons = {c["against"]: c for c in row["comparisons"]}
+        initial = comparisons.pop("initial", None)
+        table.add_row(
+            row["arm"],
+            row["method"],
+            f"{row['finished']}/{row['runs']}",
+            f"{_fmt(row['test_mean'])} ± {_fmt(row['test_sd'])}",
+            "-" if interval is None else f"[{interval['low']:.3f}, {interval['high']:.3f}]",
+            "-" if initial is None else versus(initial),
+            " ".join(f"{name}: {versus(c)}" for name, c in comparisons.items()) or "-",
+            _fmt(row["mean_llm_calls"], 0),
+        )
+    table.caption = (
+        "* p < 0.05 (paired test on the same test examples, pooled over seeds; the test is named in --json). "
+        "An interval that contains the baseline's mean, or p ≥ 0.05, means the difference may be noise."
+    )
+    return table
+
+
+def study_progress_line(study: dict) -> str:
+    counts = ", ".join(f"{n} {status}" for status, n in study["jobs"].items() if n)
+    return f"study {study['id']}: {study['status']} ({counts})"
+
+
+@study_cli.command("create")
+def study_create(
+    file: Path = typer.Argument(..., help="The study as JSON: task, arms, seeds, baselines, budget."),
+    url: str = URL_OPTION,
+    api_key: str | None = KEY_OPTION,
+) -> None:
+    """Create a study from a JSON file; prints its id."""
+    try:
+        body = json.loads(file.read_text())
+    except OSError as exc:
+        raise fail(f"cannot read {file}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise fail(f"{file} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+
+    async def go() -> None:
+        async with _client(url, api_key) as client:
+            study = await api_call(client, "POST", "/v1/studies", json=body)
+        for warning in study.get("warnings", []):
+            console.print(f"warning: {warning}", style="yellow", highlight=False)
+        console.print(f"created study {study['id']} with {sum(study['jobs'].values())} runs", highlight=False)
+        print(study["id"])
+
+    asyncio.run(go())
+
+
+@study_cli.command("show")
+def study_show(
+    study_id: str,
+    as_json: bool = typer.Option(False, "--json", help="The whole study as JSON."),
+    url: str = URL_OPTION,
+    api_key: str | None = KEY_OPTION,
+) -> None:
+    """The study's leaderboard."""
+
+    async def go() -> None:
+        async with _client(url, api_key) as client:
+            study = await api_call(client, "GET", f"/v1/studies/{study_id}")
+        if as_json:
+            print(json.dumps(study, indent=2))
+        else:
+            console.print(study_progress_line(study), highlight=False)
+            console.print(leaderboard_table(study))
+
+    asyncio.run(go())
+
+
+@study_cli.command("watch")
+def study_watch(
+    study_id: str,
+    interval: float = typer.Option(2.0, min=0.2, help="Seconds between polls."),
+    url: str = URL_OPTION,
+    api_key: str | None = KEY_OPTION,
+) -> None:
+    """Follow a study until every run has ended: a live table on a terminal, progress lines otherwise."""
+    from rich.live import Live
+
+    async def poll(client) -> dict:
+        return await api_call(client, "GET", f"/v1/studies/{study_id}")
+
+    async def go() -> None:
+        async with _client(url, api_key) as client:
+            study = await poll(client)
+            if console.is_terminal:
+                with Live(leaderboard_table(study), console=console, refresh_per_second=2) as live:
+                    while study["status"] not in STUDY_DONE:
+                        await asyncio.sleep(interval)
+                        study = await poll(client)
+                        live.update(leaderboard_table(study))
+            else:
+                last = None
+                while True:
+                    line = study_progress_line(study)
+                    if line != last:
+                        print(line, flush=True)
+                        last = line
+                    if study["status"] in STUDY_DONE:
+                        break
+                    await asyncio.sleep(interval)
+                    study = await poll(client)
+                console.print(leaderboard_table(study))
+
+    asyncio.run(go())
+
+
+@study_cli.command("cancel")
+def study_cancel(study_id: str, url: str = URL_OPTION, api_key: str | None = KEY_OPTION) -> None:
+    """Cancel every run of a study that has not ended."""
+
+    async def go() -> None:
+        async with _client(url, api_key) as client:
+            study = await api_call(client, "POST", f"/v1/studies/{study_id}/cancel")
+        console.print(study_progress_line(study), highlight=False)
+
+    asyncio.run(go())
+
+
 keys_cli = typer.Typer(help="API keys stored (hashed) in the database: create, list, revoke.", no_args_is_help=True)
 cli.add_typer(keys_cli, name="keys")
 

@@ -3,6 +3,8 @@ a real SAQ worker on Redis and real Postgres."""
 
 from __future__ import annotations
 
+import asyncio
+
 from tests.conftest import label_job, wait_for_status
 
 
@@ -77,3 +79,35 @@ async def test_claps_job_with_local_model(app_client, worker):
     steps = {c["step"] for c in candidates}
     assert {0, 2} <= steps and len(candidates) >= 2 + 10  # manual + empty prompt, then the representatives
     assert "" in {c["prompt"] for c in candidates}
+
+
+async def test_tiny_study_with_local_model(app_client, worker):
+    """One arm and a baseline on one seed, on the real model: the leaderboard compares them on the same examples."""
+    body = {
+        "task": {"dataset": "builtin:snli16", "split": {"kind": "k_shot", "train_per_class": 2, "dev_per_class": 1}},
+        "arms": [
+            {
+                "method": "opro",
+                "params": {"steps": 1, "candidates_per_step": 1, "exemplars_per_step": 1, "optimizer_max_tokens": 40},
+                "backends": {"scorer": "local", "optimizer": "local"},
+            }
+        ],
+        "baselines": ["Answer entailment, neutral or contradiction."],
+        "seeds": [0],
+        "budget": {"max_llm_calls": 600},
+    }
+    body["arms"].append({"method": "evaluate", "name": "starting prompt", "backends": body["arms"][0]["backends"]})
+    response = await app_client.post("/v1/studies", json=body)
+    assert response.status_code == 202, response.text
+    study_id = response.json()["id"]
+    for _ in range(3000):
+        study = (await app_client.get(f"/v1/studies/{study_id}")).json()
+        if study["status"] == "completed":
+            break
+        await asyncio.sleep(0.2)
+    assert study["jobs"]["succeeded"] == 3, study
+    board = {row["arm"]: row for row in study["leaderboard"]}
+    opro = board["opro"]
+    assert opro["finished"] == 1 and 0.0 <= opro["test_mean"] <= 1.0
+    (versus,) = [c for c in opro["comparisons"] if c["against"] == "baseline 1"]
+    assert versus["n"] == 48 - 3 * 3 and versus["test"] == "exact McNemar"

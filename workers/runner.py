@@ -22,7 +22,7 @@ from app.cache.flights import Flights
 from app.cache.lru import LRU
 from app.cache.store import DurableCacheStore
 from app.datasets.repository import DatasetRepository
-from app.datasets.service import resolve_examples
+from app.datasets.service import resolve_task_examples
 from app.db import Database, is_connection_error
 from app.evaluation.evaluator import PromptScore
 from app.jobs.engine import JobEngine, JobPlan, Selection, StepRecord
@@ -194,7 +194,9 @@ class RepositorySink:
             repo = JobRepository(session)
             for prompt, score in scores.items():
                 digest = instruction_hash(prompt)
-                await repo.record_evaluation(self.attempt.job_id, digest, "test", score.score, score.n)
+                await repo.record_evaluation(
+                    self.attempt.job_id, digest, "test", score.score, score.n, score.per_example
+                )
 
         await ride_out_outage(self.db, self.attempt, self.outage_seconds, write)
 
@@ -234,7 +236,7 @@ class JobRunner:
             await repo.add_event(job_id, "state", {"status": JobStatus.RUNNING.value, "attempt": job.attempts})
             checkpoint = await repo.checkpoint(job_id)
             state = dict(checkpoint.state) if checkpoint is not None else None
-            examples = await resolve_examples(DatasetRepository(session), job.spec["task"]["dataset"], job.tenant)
+            examples = await resolve_task_examples(DatasetRepository(session), job.spec["task"], job.tenant)
         attempt = Attempt(job_id, job.attempts, LeaseClock(job_id, queue_settings.lease_seconds, acquired_at))
         ATTEMPTS.labels(resumed=str(state is not None).lower()).inc()
         log.info("job %s: attempt %d starts%s", job_id, attempt.attempt, " from checkpoint" if state else "")
@@ -334,7 +336,10 @@ class JobRunner:
         except Exception:
             log.warning("job %s: could not record a %s event", attempt.job_id, kind, exc_info=True)
 
-    async def _execute(self, job, attempt: Attempt, state: dict | None, examples: list[dict]) -> None:
+    async def _execute(
+        self, job, attempt: Attempt, state: dict | None, examples: tuple[list[dict], list[dict] | None]
+    ) -> None:
+        """`examples`: the task's, and its test dataset's (None without one)."""
         queue_settings = self.settings.queue
         usage = Usage(job.llm_calls, job.prompt_tokens, job.completion_tokens, job.cache_hits)
         attempt.usage = usage
@@ -347,7 +352,7 @@ class JobRunner:
         )
         engine: JobEngine | None = None
         try:
-            plan = JobPlan.from_spec(job.spec, examples)
+            plan = JobPlan.from_spec(job.spec, *examples)
             engine = JobEngine(
                 plan,
                 RepositorySink(self.db, attempt, queue_settings.db_outage_seconds),

@@ -103,3 +103,12 @@ async def resolve_examples(repo: DatasetRepository, ref: str, tenant: str) -> li
     if row is None:
         raise NotFound(f"dataset {ref!r} not found")
     return row.examples
+
+
+async def resolve_task_examples(
+    repo: DatasetRepository, task: dict, tenant: str
+) -> tuple[list[dict[str, str]], list[dict[str, str]] | None]:
+    """A task spec's examples, and its `test_dataset`'s when it names one."""
+    examples = await resolve_examples(repo, task["dataset"], tenant)
+    test_ref = task.get("test_dataset")
+    return examples, None if test_ref is None else await resolve_examples(repo, test_ref, tenant)

@@ -1,4 +1,7 @@
-"""Seeded train/dev/test split: the same spec gives the same split on every worker and every run."""
+"""Seeded train/dev/test split: the same spec gives the same split on every worker and every run.
+
+Two kinds: `fraction` (a shuffled split by fractions) and `k_shot` (stratified: `train_per_class` and
+`dev_per_class` examples of each target class, the rest for test), the usual protocol of few-shot papers."""
 
 from __future__ import annotations
 
@@ -14,6 +17,9 @@ class SplitSpec:
     dev: float = 0.25
     test: float = 0.25
     seed: int = 0
+    kind: str = "fraction"  # or "k_shot"
+    train_per_class: int | None = None
+    dev_per_class: int | None = None
 
 
 def split_sizes(n: int, spec: SplitSpec) -> tuple[int, int, int]:
@@ -42,3 +48,26 @@ def split_indices(n: int, spec: SplitSpec) -> dict[str, list[int]]:
         "dev": sorted(order[n_train : n_train + n_dev]),
         "test": sorted(order[n_train + n_dev :]),
     }
+
+
+def k_shot_indices(targets: list[str], spec: SplitSpec) -> dict[str, list[int]]:
+    """Per class (target value), in a seeded order: the first `train_per_class` to train, the next `dev_per_class`
+    to dev, the rest to test. A class with too few examples fills train first."""
+    by_class: dict[str, list[int]] = {}
+    for index, target in enumerate(targets):
+        by_class.setdefault(target, []).append(index)
+    rng = random.Random(spec.seed)
+    k_train = spec.train_per_class or 0
+    k_dev = spec.dev_per_class if spec.dev_per_class is not None else k_train
+    out: dict[str, list[int]] = {name: [] for name in SPLITS}
+    for target in sorted(by_class):
+        members = by_class[target]
+        rng.shuffle(members)
+        out["train"] += members[:k_train]
+        out["dev"] += members[k_train : k_train + k_dev]
+        out["test"] += members[k_train + k_dev :]
+    return {name: sorted(indices) for name, indices in out.items()}
+
+
+def task_split_indices(targets: list[str], spec: SplitSpec) -> dict[str, list[int]]:
+    return k_shot_indices(targets, spec) if spec.kind == "k_shot" else split_indices(len(targets), spec)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from app.evaluation.splits import SplitSpec, split_indices
+from app.evaluation.splits import SplitSpec, task_split_indices
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +23,8 @@ class Task:
     verbalizer: dict[str, str] | None = None
     split: SplitSpec = field(default_factory=SplitSpec)
     max_new_tokens: int = 64
+    # A held-out set from another dataset: the test split, instead of a part of `examples`.
+    test_examples: list[Example] | None = None
     _splits: dict[str, list[int]] | None = None
 
     def verbalizer_texts(self) -> list[str]:
@@ -31,9 +33,14 @@ class Task:
         return [mapping.get(label, " " + label) for label in self.labels]
 
     def indices(self, split: str) -> list[int]:
+        """Positions in `examples` (for "test" with `test_examples`: positions in those)."""
+        if split == "test" and self.test_examples is not None:
+            return list(range(len(self.test_examples)))
         if self._splits is None:
-            self._splits = split_indices(len(self.examples), self.split)
+            self._splits = task_split_indices([ex.target for ex in self.examples], self.split)
         return self._splits[split]
 
     def split_examples(self, split: str) -> list[Example]:
+        if split == "test" and self.test_examples is not None:
+            return list(self.test_examples)
         return [self.examples[i] for i in self.indices(split)]

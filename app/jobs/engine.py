@@ -23,6 +23,7 @@ from app.cache.lru import LRU
 from app.cache.store import CacheStore
 from app.evaluation.evaluator import Evaluator, Prompt, PromptScore
 from app.evaluation.splits import SplitSpec
+from app.evaluation.statistics import score_interval
 from app.evaluation.task import Example, Task
 from app.jobs.models import StopReason
 from app.llm.breaker import CircuitBreaker
@@ -38,10 +39,13 @@ log = logging.getLogger(__name__)
 _RESERVE_EXTRA_PROMPT_TOKENS = 200
 
 
-def task_from_spec(task: dict[str, Any], examples: Sequence[dict[str, str]]) -> Task:
-    """The evaluation task of a stored (resolved) `task` spec."""
+def task_from_spec(
+    task: dict[str, Any], examples: Sequence[dict[str, str]], test_examples: Sequence[dict[str, str]] | None = None
+) -> Task:
+    """The evaluation task of a stored (resolved) `task` spec; `test_examples`: its `test_dataset`'s, if it has one."""
     return Task(
         examples=[Example(ex["input"], ex["target"]) for ex in examples],
+        test_examples=None if test_examples is None else [Example(ex["input"], ex["target"]) for ex in test_examples],
         template=task["template"],
         metric=task["metric"],
         labels=task.get("labels"),
@@ -65,14 +69,19 @@ class JobPlan:
     max_seconds: float | None = None
 
     @classmethod
-    def from_spec(cls, spec: dict[str, Any], examples: Sequence[dict[str, str]]) -> JobPlan:
+    def from_spec(
+        cls,
+        spec: dict[str, Any],
+        examples: Sequence[dict[str, str]],
+        test_examples: Sequence[dict[str, str]] | None = None,
+    ) -> JobPlan:
         method = METHODS[spec["method"]]
         caps = spec.get("budget") or {}
         return cls(
             method=method,
             params=method.params_model.model_validate(spec.get("params") or {}),
             seed=spec.get("seed", 0),
-            task=task_from_spec(spec["task"], examples),
+            task=task_from_spec(spec["task"], examples, test_examples),
             initial_prompt=spec["initial_prompt"],
             scorer_backend=spec["backends"]["scorer"],
             optimizer_backend=spec["backends"]["optimizer"],
@@ -122,6 +131,8 @@ class SelectedPrompt:
     train_objective: float | None = None
     dev_objective: float | None = None
     test_score: float | None = None
+    # The test score's sample size, standard error and 95% interval (`statistics.score_interval`, as a dict).
+    test: dict[str, Any] | None = None
     artifact: dict[str, Any] | None = None  # soft prompts: what `prompt_from_artifact` rebuilds the prompt from
 
     def public(self) -> dict[str, Any]:
@@ -130,6 +141,7 @@ class SelectedPrompt:
             "prompt": self.prompt,
             "dev_score": self.dev_score,
             "test_score": self.test_score,
+            **({} if self.test is None else {"test_" + k: v for k, v in self.test.items() if k != "mean"}),
             "train_score": self.train_score,
             "step": self.step,
         }
@@ -383,7 +395,7 @@ class JobEngine:
     async def _score_test(self) -> None:
         """The test split, scored once, for the initial and the best prompt, from the budget's reserve."""
         entries = self.selection.entries()
-        if not entries or not self.plan.task.indices("test"):
+        if not entries or not self.plan.task.split_examples("test"):
             return  # no test split asked for: test scores stay null
         prompts: dict[str, Prompt] = {}
         for entry in entries:
@@ -398,5 +410,6 @@ class JobEngine:
             return
         for entry in entries:
             entry.test_score = scores[entry.prompt].score
+            entry.test = score_interval(scores[entry.prompt].per_example).as_dict()
         await self.evaluator.llm.flush()
         await self.sink.test_scored(self.selection, scores)

@@ -56,6 +56,10 @@ class Job(Base):
     queue_key: Mapped[str | None] = mapped_column(sa.String(128))
     cancel_requested: Mapped[bool] = mapped_column(sa.Boolean, default=False)
     error: Mapped[str | None] = mapped_column(sa.Text)
+    # A study's run: the study and the arm's position in it (no foreign key: studies are never deleted, and the
+    # column can then be added on SQLite without rebuilding the table).
+    study_id: Mapped[str | None] = mapped_column(sa.String(36), index=True)
+    study_arm: Mapped[int | None] = mapped_column(sa.Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -88,6 +92,8 @@ class CandidateEvaluation(Base):
     split: Mapped[str] = mapped_column(sa.String(8))
     score: Mapped[float] = mapped_column(sa.Float)
     n_examples: Mapped[int] = mapped_column(sa.Integer)
+    # Test only: each example's outcome in the split's order, for paired comparisons between prompts.
+    outcomes: Mapped[list[float] | None] = mapped_column(sa.JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     __table_args__ = (sa.UniqueConstraint("candidate_id", "split", name="uq_candidate_evaluations_candidate_split"),)

@@ -68,6 +68,23 @@ class JobRepository:
             query = query.where(Job.method == method)
         return await newest_first(self.session, query, Job, limit=limit, cursor=cursor)
 
+    async def of_studies(self, study_ids: Sequence[str]) -> list[Job]:
+        query = sa.select(Job).where(Job.study_id.in_(list(study_ids))).order_by(Job.study_arm, Job.created_at, Job.id)
+        return list((await self.session.execute(query)).scalars())
+
+    async def test_outcomes(self, job_ids: Sequence[str]) -> dict[tuple[str, str], list[float]]:
+        """Per (job id, prompt hash): the per-example test outcomes stored for that prompt."""
+        query = (
+            sa.select(Candidate.job_id, Candidate.prompt_hash, CandidateEvaluation.outcomes)
+            .join(CandidateEvaluation, CandidateEvaluation.candidate_id == Candidate.id)
+            .where(
+                Candidate.job_id.in_(list(job_ids)),
+                CandidateEvaluation.split == "test",
+                CandidateEvaluation.outcomes.is_not(None),
+            )
+        )
+        return {(job_id, digest): outcomes for job_id, digest, outcomes in await self.session.execute(query)}
+
     async def count_active(self, tenant: str) -> int:
         query = sa.select(sa.func.count()).where(
             Job.tenant == tenant, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])
@@ -280,8 +297,11 @@ class JobRepository:
     async def artifact(self, job_id: str, prompt_hash: str) -> Artifact | None:
         return await self.session.get(Artifact, (job_id, prompt_hash))
 
-    async def record_evaluation(self, job_id: str, prompt_hash: str, split: str, score: float, n: int) -> None:
-        """Attach a held-out score to the (latest) candidate row with that prompt."""
+    async def record_evaluation(
+        self, job_id: str, prompt_hash: str, split: str, score: float, n: int, outcomes: list[float] | None = None
+    ) -> None:
+        """Attach a held-out score (and, for test, each example's outcome) to the latest candidate row with that
+        prompt."""
         cand_id = (
             await self.session.execute(
                 sa.select(Candidate.id)
@@ -298,7 +318,9 @@ class JobRepository:
             )
         )
         if exists.scalar_one_or_none() is None:
-            self.session.add(CandidateEvaluation(candidate_id=cand_id, split=split, score=score, n_examples=n))
+            self.session.add(
+                CandidateEvaluation(candidate_id=cand_id, split=split, score=score, n_examples=n, outcomes=outcomes)
+            )
 
     async def finish(
         self,

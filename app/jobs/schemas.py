@@ -21,14 +21,37 @@ class Strict(BaseModel):
 
 
 class SplitIn(Strict):
-    train: float = Field(0.5, gt=0, le=1)
-    dev: float = Field(0.25, ge=0, le=1)
-    test: float = Field(0.25, ge=0, le=1)
-    seed: int = 0
+    """How the dataset is split. `fraction`: shuffled by the fractions. `k_shot`: stratified, `train_per_class` and
+    `dev_per_class` examples of each class (target value) with the rest for test; label tasks only."""
+
+    kind: Literal["fraction", "k_shot"] = "fraction"
+    train: float = Field(0.5, gt=0, le=1, description="fraction: the share for train")
+    dev: float = Field(0.25, ge=0, le=1, description="fraction: the share for dev")
+    test: float = Field(0.25, ge=0, le=1, description="fraction: the share for test (0 with `test_dataset`)")
+    train_per_class: int | None = Field(None, ge=1, le=10_000, description="k_shot: train examples per class")
+    dev_per_class: int | None = Field(
+        None, ge=0, le=10_000, description="k_shot: dev examples per class (default: `train_per_class`)"
+    )
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+    @model_validator(mode="after")
+    def _k_shot_sizes(self) -> SplitIn:
+        if self.kind == "k_shot" and self.train_per_class is None:
+            raise ValueError("a k_shot split needs train_per_class")
+        if self.kind == "fraction" and (self.train_per_class is not None or self.dev_per_class is not None):
+            raise ValueError("train_per_class and dev_per_class apply to kind 'k_shot'")
+        return self
 
 
 class TaskIn(Strict):
     dataset: str = Field(..., min_length=1, max_length=200, description="A dataset id or `builtin:<name>`.")
+    test_dataset: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="Another dataset (id or `builtin:<name>`) as the held-out test set; `dataset` then gives only "
+        "train and dev.",
+    )
     template: str | None = Field(
         None,
         max_length=200_000,
@@ -96,13 +119,13 @@ def _apply_preset(method_cls):
     return model_validator(mode="before")(apply)
 
 
-@cache
-def job_create_models() -> dict[str, type[JobCreateBase]]:
+def method_models(base: type[BaseModel], suffix: str) -> dict[str, type[BaseModel]]:
+    """`base` extended, for each method, with `method` (its name) and `params` (its parameter model)."""
     models = {}
     for name, method_cls in METHODS.items():
         models[name] = create_model(
-            f"{method_cls.__name__}JobCreate",
-            __base__=JobCreateBase,
+            f"{method_cls.__name__}{suffix}",
+            __base__=base,
             __validators__={"_preset": _apply_preset(method_cls)},
             method=(Literal[name], ...),
             params=(method_cls.params_model, Field(default_factory=method_cls.params_model)),
@@ -110,13 +133,19 @@ def job_create_models() -> dict[str, type[JobCreateBase]]:
     return models
 
 
+def discriminated_by_method(models: dict[str, type[BaseModel]]) -> Any:
+    return Annotated[Union[tuple(models.values())], Field(discriminator="method")]  # noqa: UP007
+
+
+@cache
+def job_create_models() -> dict[str, type[JobCreateBase]]:
+    return method_models(JobCreateBase, "JobCreate")  # type: ignore[return-value]
+
+
 @cache
 def job_create_type() -> Any:
     """The request body type of POST /v1/jobs: one model per method, discriminated by `method`."""
-    models = tuple(job_create_models().values())
-    if len(models) == 1:
-        return models[0]
-    return Annotated[Union[models], Field(discriminator="method")]  # noqa: UP007
+    return discriminated_by_method(job_create_models())
 
 
 def normalize_job_error(err: dict) -> dict:
@@ -127,8 +156,12 @@ def normalize_job_error(err: dict) -> dict:
         ctx = {**(err.get("ctx") or {}), "expected": ", ".join(repr(m) for m in METHODS)}
         message = f"method must be one of: {', '.join(METHODS)}"
         return {**err, "loc": (*loc, "method"), "msg": message, "ctx": ctx}
-    if len(loc) >= 2 and loc[0] == "body" and loc[1] in METHODS:
-        return {**err, "loc": (loc[0], *loc[2:])}
+    # The union's tag follows the body (a job) or a list index (a study's arm).
+    tagged = [
+        i for i in range(1, len(loc)) if loc[i] in METHODS and (loc[i - 1] == "body" or isinstance(loc[i - 1], int))
+    ]
+    if tagged:
+        return {**err, "loc": tuple(p for i, p in enumerate(loc) if i != tagged[0])}
     return err
 
 
@@ -154,6 +187,13 @@ class PromptResult(BaseModel):
     prompt: Any
     dev_score: float | None = None
     test_score: float | None = None
+    test_n: int | None = Field(None, description="Test examples the test score is the mean over.")
+    test_stderr: float | None = Field(None, description="The test score's standard error.")
+    test_low: float | None = Field(None, description="The test score's 95% interval, lower end.")
+    test_high: float | None = Field(None, description="The test score's 95% interval, upper end.")
+    test_method: str | None = Field(
+        None, description='How the interval was computed: "wilson" (0/1 outcomes) or "normal".'
+    )
     train_score: float | None = None
     step: int | None = None
 

@@ -43,23 +43,31 @@ def _check_backends(payload: JobCreateBase, registry: BackendRegistry, method: s
 
 
 async def submit_job(
-    payload: JobCreateBase, *, jobs: JobRepository, datasets: DatasetRepository, registry: BackendRegistry, tenant: str
+    payload: JobCreateBase,
+    *,
+    jobs: JobRepository,
+    datasets: DatasetRepository,
+    registry: BackendRegistry,
+    tenant: str,
+    study: tuple[str, int] | None = None,
 ) -> tuple[Job, list[str]]:
-    """Validate and store a job; returns it with the warnings a client should see (not errors: it was accepted)."""
+    """Validate and store a job; returns it with the warnings a client should see (not errors: it was accepted).
+    `study`: the study and arm index the job is a run of."""
     method = payload.method  # type: ignore[attr-defined]
     _check_backends(payload, registry, method)
 
     task = payload.task
     builtin = builtin_task(task.dataset)
-    try:
-        examples = await resolve_examples(datasets, task.dataset, tenant)
-    except NotFound as exc:
-        allowed = [BUILTIN_PREFIX + "<name>", "<dataset id>"]
-        raise InvalidPayload(["task", "dataset"], exc.message, allowed=allowed) from exc
-    if len(examples) < 3:
+    examples = await _examples_of(datasets, task.dataset, tenant, "dataset")
+    test_examples = None
+    if task.test_dataset is not None:
+        test_examples = await _examples_of(datasets, task.test_dataset, tenant, "test_dataset")
+    if len(examples) < (2 if test_examples else 3):
         raise InvalidPayload(["task", "dataset"], "a job needs at least 3 examples (train, dev and test)")
 
-    resolved = task.model_copy()
+    resolved = task.model_copy(deep=True)
+    if test_examples is not None and resolved.split.kind == "fraction":
+        resolved.split.test = 0.0  # the test set is the other dataset: `dataset` gives train and dev only
     resolved.template = task.template or (builtin.template if builtin else DEFAULT_TEMPLATE)
     resolved.metric = task.metric or (builtin.metric if builtin else DEFAULT_METRIC)
     if task.labels is None and builtin is not None and resolved.metric == builtin.metric:
@@ -69,11 +77,16 @@ async def submit_job(
     if resolved.metric == "label_accuracy":
         if not resolved.labels:
             raise InvalidPayload(["task", "labels"], "metric 'label_accuracy' needs labels")
-        unknown = sorted({ex["target"] for ex in examples} - set(resolved.labels))
+        targets = {ex["target"] for ex in [*examples, *(test_examples or [])]}
+        unknown = sorted(targets - set(resolved.labels))
         if unknown:
             raise InvalidPayload(
                 ["task", "labels"], f"targets {unknown[:10]} are not among the labels", allowed=resolved.labels
             )
+    elif resolved.split.kind == "k_shot":
+        raise InvalidPayload(
+            ["task", "split", "kind"], "a k_shot split needs a label task (metric 'label_accuracy')", allowed="fraction"
+        )
 
     for loc, message in METHODS[method].check_task(resolved.model_dump(mode="json")):
         raise InvalidPayload(["task", *loc], message)
@@ -85,7 +98,8 @@ async def submit_job(
     spec["task"] = resolved.model_dump(mode="json")
     spec["initial_prompt"] = initial_prompt
 
-    plan = JobPlan.from_spec({**spec, "method": method}, examples)
+    plan = JobPlan.from_spec({**spec, "method": method}, examples, test_examples)
+    _check_split_sizes(plan.task)
     job = Job(
         id=str(uuid.uuid4()),
         tenant=tenant,
@@ -101,6 +115,8 @@ async def submit_job(
         elapsed_seconds=0.0,
         attempts=0,
         cancel_requested=False,
+        study_id=None if study is None else study[0],
+        study_arm=None if study is None else study[1],
     )
     await jobs.add(job)
     await jobs.add_event(job.id, "state", {"status": JobStatus.QUEUED.value})
@@ -108,6 +124,27 @@ async def submit_job(
     for warning in warnings:
         await jobs.add_event(job.id, "warning", {"message": warning})
     return job, warnings
+
+
+async def _examples_of(datasets: DatasetRepository, ref: str, tenant: str, field: str) -> list[dict[str, str]]:
+    try:
+        return await resolve_examples(datasets, ref, tenant)
+    except NotFound as exc:
+        allowed = [BUILTIN_PREFIX + "<name>", "<dataset id>"]
+        raise InvalidPayload(["task", field], exc.message, allowed=allowed) from exc
+
+
+def _check_split_sizes(task: Task) -> None:
+    """Every split a job uses must have examples (dev may be empty only when asked for)."""
+    k_shot = task.split.kind == "k_shot"
+    wanted_dev = task.split.dev_per_class != 0 if k_shot else task.split.dev > 0
+    wanted_test = k_shot or task.test_examples is not None or task.split.test > 0
+    for split, wanted in (("train", True), ("dev", wanted_dev), ("test", wanted_test)):
+        if wanted and not task.split_examples(split):
+            where = (
+                ["task", "test_dataset"] if split == "test" and task.test_examples is not None else ["task", "split"]
+            )
+            raise InvalidPayload(where, f"the {split} split would be empty; use more examples or another split")
 
 
 def budget_warnings(plan: JobPlan, num_layers: int) -> list[str]:

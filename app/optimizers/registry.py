@@ -6,6 +6,7 @@ from app.optimizers.apo import Apo
 from app.optimizers.base import Optimizer
 from app.optimizers.bbt import Bbt, BbtV2
 from app.optimizers.claps import Claps
+from app.optimizers.evaluate import Evaluate
 from app.optimizers.opro import Opro
 from app.optimizers.plum import Plum
 
@@ -16,6 +17,7 @@ METHODS: dict[str, type[Optimizer]] = {
     "bbt": Bbt,
     "bbtv2": BbtV2,
     "claps": Claps,
+    "evaluate": Evaluate,
 }
 
 
