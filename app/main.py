@@ -26,6 +26,7 @@ from app.jobs.router import router as jobs_router
 from app.jobs.schemas import normalize_job_error
 from app.keys.service import KeyChecker
 from app.llm.registry import BackendRegistry
+from app.metrics import RequestMetrics
 from app.migrate import upgrade_async
 from app.openapi_responses import install_schemas
 from app.queue import InProcessJobQueue, JobQueue, SaqJobQueue
@@ -34,6 +35,7 @@ from app.quotas.service import Quotas
 from app.settings import Settings
 from app.studies.router import router as studies_router
 from app.system_router import router as system_router
+from app.ui.routes import install_ui
 
 log = logging.getLogger(__name__)
 
@@ -185,8 +187,10 @@ def create_app(
     install_schemas(app)
     install_error_handlers(app)
     app.add_middleware(InputGuard, settings=settings.api)
+    app.add_middleware(RequestMetrics)  # outermost: times every answer, the guard's rejections too
     app.include_router(jobs_router)
     app.include_router(datasets_router)
     app.include_router(studies_router)
     app.include_router(system_router)
+    install_ui(app)  # the dashboard at / (public shell; its data calls use the API key)
     return app

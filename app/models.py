@@ -7,6 +7,7 @@ from app.idempotency.models import IdempotencyRecord
 from app.jobs.models import Candidate, CandidateEvaluation, Checkpoint, Job, JobEvent
 from app.keys.models import ApiKey
 from app.studies.models import Study
+from app.webhooks.models import WebhookDelivery
 
 __all__ = [
     "ApiKey",
@@ -20,4 +21,5 @@ __all__ = [
     "Job",
     "JobEvent",
     "Study",
+    "WebhookDelivery",
 ]

@@ -95,6 +95,11 @@ class SaqJobQueue:
         await self._connect()
         await self.queue.redis.ping()
 
+    async def message_counts(self) -> dict[str, int]:
+        """Messages waiting and being worked on (for /metrics): two Redis list lengths."""
+        await self._connect()
+        return {"queued": await self.queue.count("queued"), "active": await self.queue.count("active")}
+
     async def active_members(self, group: str, member: str, active: bool, window_s: float) -> int:
         await self._connect()
         key = f"{self.settings.name}:active:{group}"

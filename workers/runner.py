@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from app.cache.flights import Flights
 from app.cache.lru import LRU
@@ -31,7 +32,7 @@ from app.jobs.models import JobStatus, StopReason
 from app.jobs.repository import JobRepository, LeaseLost, NewArtifact, NewCandidate
 from app.llm.port import SendRefused
 from app.llm.registry import BackendRegistry
-from app.metrics import ATTEMPTS, ATTEMPTS_ENDED, LEASE_LOSSES, RETRIES, STALLED
+from app.metrics import ATTEMPTS, ATTEMPTS_ENDED, LEASE_LOSSES, RETRIES, STALLED, job_finished
 from app.optimizers.base import instruction_hash
 from app.settings import Settings
 from app.usage import Usage
@@ -113,6 +114,8 @@ class Attempt:
     progress: Progress = field(default_factory=Progress)
     usage: Usage | None = None  # the job's usage while the engine runs (answers received count as progress)
     stop_request: str | None = None  # "cancel" | "lease_lost" | "shutdown" | "stalled"
+    method: str = ""  # for the job-duration metric: the job's method, and when its first attempt started
+    started_at: datetime | None = None
 
 
 async def ride_out_outage(db: Database, attempt: Attempt, outage_seconds: float, write) -> None:
@@ -238,6 +241,7 @@ class JobRunner:
             state = dict(checkpoint.state) if checkpoint is not None else None
             examples = await resolve_task_examples(DatasetRepository(session), job.spec["task"], job.tenant)
         attempt = Attempt(job_id, job.attempts, LeaseClock(job_id, queue_settings.lease_seconds, acquired_at))
+        attempt.method, attempt.started_at = job.method, job.started_at or job.created_at
         ATTEMPTS.labels(resumed=str(state is not None).lower()).inc()
         log.info("job %s: attempt %d starts%s", job_id, attempt.attempt, " from checkpoint" if state else "")
         main = asyncio.create_task(self._execute(job, attempt, state, examples))
@@ -341,7 +345,7 @@ class JobRunner:
     ) -> None:
         """`examples`: the task's, and its test dataset's (None without one)."""
         queue_settings = self.settings.queue
-        usage = Usage(job.llm_calls, job.prompt_tokens, job.completion_tokens, job.cache_hits)
+        usage = Usage(job.llm_calls, job.prompt_tokens, job.completion_tokens, job.cache_hits, job.cost)
         attempt.usage = usage
 
         async def charge(session, spent: Usage) -> None:
@@ -368,6 +372,8 @@ class JobRunner:
                 notice=self._notice(attempt),
                 cache_scope=job.tenant if self.settings.cache_scope == "tenant" else None,
                 flights=self.flights,
+                price_for=self.registry.price,
+                judge=await self.registry.get_when_up(plan.task.judge["backend"]) if plan.task.judge else None,
             )
             outcome = await engine.run()
         except asyncio.CancelledError:
@@ -425,6 +431,7 @@ class JobRunner:
                         elapsed_seconds=elapsed,
                         error=error,
                     )
+                    job_finished(attempt.method, JobStatus.FAILED, attempt.started_at)
                     return
                 delay = retry_delay(retries, queue_settings.retry_base_seconds, queue_settings.retry_max_seconds)
                 await repo.schedule_retry(
@@ -480,6 +487,7 @@ class JobRunner:
 
         try:
             await ride_out_outage(self.db, attempt, self.settings.queue.db_outage_seconds, write)
+            job_finished(attempt.method, status, attempt.started_at)
         except LeaseLost:
             log.warning("job %s: attempt %d fenced off at finish", attempt.job_id, attempt.attempt)
 

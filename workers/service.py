@@ -12,6 +12,7 @@ from app.jobs.reconciler import run_reconciler
 from app.llm.registry import BackendRegistry
 from app.queue import JobQueue
 from app.settings import Settings
+from app.webhooks.service import run_webhook_dispatcher
 from workers.backend_share import share_backends
 from workers.runner import JobRunner
 
@@ -35,11 +36,12 @@ async def run_worker(settings: Settings, db: Database, queue: JobQueue, registry
             db, queue, interval=settings.queue.reconcile_seconds, queued_grace_seconds=settings.queue.reconcile_seconds
         )
     )
+    webhooks = asyncio.create_task(run_webhook_dispatcher(db, settings.webhooks))
     try:
         # The consumer ends on SIGTERM/SIGINT (SAQ stops gracefully); the worker ends with it.
         await consumer
     finally:
-        for task in (reconciler, consumer, sharing):
+        for task in (reconciler, consumer, sharing, webhooks):
             task.cancel()
-        await asyncio.gather(reconciler, consumer, sharing, return_exceptions=True)
+        await asyncio.gather(reconciler, consumer, sharing, webhooks, return_exceptions=True)
         await flights.aclose()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from app.evaluation.judge import JudgeSpec, judge_request, parse_grade
 from app.evaluation.metrics import METRICS, parse_label
 from app.evaluation.task import Example, Task
 from app.evaluation.templates import render
@@ -21,6 +22,8 @@ from app.llm.port import (
     LabelScoreRequest,
     LabelScores,
 )
+
+JUDGE_METRIC = "llm_judge"
 
 
 class ScoringLLM(Protocol):
@@ -63,12 +66,14 @@ class PromptScore:
 
 
 class Evaluator:
-    def __init__(self, task: Task, llm: ScoringLLM) -> None:
-        if task.metric not in METRICS:
+    def __init__(self, task: Task, llm: ScoringLLM, judge_llm: ScoringLLM | None = None) -> None:
+        """`judge_llm`: the backend that grades outputs, for the `llm_judge` metric."""
+        if task.metric not in METRICS and task.metric != JUDGE_METRIC:
             raise ValueError(f"unknown metric {task.metric!r}")
         self.task = task
         self.llm = llm
-        self.metric = METRICS[task.metric]
+        self.judge_llm = judge_llm
+        self.metric = METRICS.get(task.metric)
 
     @property
     def uses_label_logprobs(self) -> bool:
@@ -100,11 +105,30 @@ class Evaluator:
         if not examples:
             return [PromptScore(prompt_name(p), split, 0.0) for p in prompts]
         predictions = await self.predict(prompts, examples)
+        grades = await self._judge(predictions, examples) if self.metric is None else None
         out = []
-        for prompt, preds in zip(prompts, predictions, strict=True):
-            per_example = [self.metric(pred, ex.target) for pred, ex in zip(preds, examples, strict=True)]
+        for index, (prompt, preds) in enumerate(zip(prompts, predictions, strict=True)):
+            if grades is not None:
+                per_example = grades[index]
+            else:
+                per_example = [self.metric(pred, ex.target) for pred, ex in zip(preds, examples, strict=True)]
             out.append(PromptScore(prompt_name(prompt), split, sum(per_example) / len(per_example), per_example, preds))
         return out
+
+    async def _judge(self, predictions: list[list[str]], examples: list[Example]) -> list[list[float]]:
+        """The judge's grades in [0, 1], per prompt and example, from one batch of requests."""
+        if self.task.judge is None or self.judge_llm is None:
+            raise ValueError("the llm_judge metric needs task.judge and a judge backend")
+        spec = JudgeSpec(**self.task.judge)
+        requests = [
+            judge_request(spec, ex.input, ex.target, pred)
+            for preds in predictions
+            for pred, ex in zip(preds, examples, strict=True)
+        ]
+        replies = await self.judge_llm.generate(requests)
+        grades = [parse_grade(r.texts[0] if r.texts else "", spec) for r in replies]
+        n = len(examples)
+        return [grades[i * n : (i + 1) * n] for i in range(len(predictions))]
 
     async def label_logprobs(self, prompts: list[Prompt], examples: list[Example]) -> list[list[list[float]]]:
         """Per prompt, per example: the log-prob of each label's verbalizer (in `task.labels` order), from one

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 import string
 from collections import Counter
@@ -146,6 +148,67 @@ def f1(prediction: str, target: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def regex(prediction: str, target: str) -> float:
+    """The target is a regular expression the output must contain a match of (Python syntax)."""
+    return float(re.search(target, prediction, re.DOTALL) is not None)
+
+
+def first_json(text: str) -> object | None:
+    """The first JSON object or array in `text` (models wrap JSON in prose or code fences)."""
+    decoder = json.JSONDecoder()
+    for at, char in enumerate(text):
+        if char in "{[":
+            try:
+                return decoder.raw_decode(text, at)[0]
+            except ValueError:
+                continue
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _schema_validator(schema_text: str):
+    import jsonschema
+
+    schema = json.loads(schema_text)
+    return jsonschema.validators.validator_for(schema)(schema)
+
+
+def json_schema(prediction: str, target: str) -> float:
+    """The target is a JSON Schema; the output's first JSON value must be valid under it."""
+    value = first_json(prediction)
+    return 0.0 if value is None else float(_schema_validator(target).is_valid(value))
+
+
+_ITEM_SEPARATORS = re.compile(r"[,;\n]+")
+
+
+def set_match(prediction: str, target: str) -> float:
+    """F1 between the sets of items (split on commas, semicolons and newlines, normalized): order and repeats do
+    not matter."""
+    predicted = {normalize(item) for item in _ITEM_SEPARATORS.split(prediction)} - {""}
+    gold = {normalize(item) for item in _ITEM_SEPARATORS.split(target)} - {""}
+    if not predicted or not gold:
+        return float(predicted == gold)
+    common = len(predicted & gold)
+    return 0.0 if common == 0 else 2 * common / (len(predicted) + len(gold))
+
+
+def target_problem(metric: str, target: str) -> str | None:
+    """Why `target` cannot serve the metric (a bad pattern or schema), else None."""
+    try:
+        if metric == "regex":
+            re.compile(target)
+        elif metric == "json_schema":
+            import jsonschema
+
+            jsonschema.validators.validator_for(json.loads(target)).check_schema(json.loads(target))
+    except (re.error, ValueError) as exc:
+        return f"not a valid {'regular expression' if metric == 'regex' else 'JSON Schema'}: {exc}"
+    except Exception as exc:  # jsonschema.SchemaError
+        return f"not a valid JSON Schema: {getattr(exc, 'message', exc)}"
+    return None
+
+
 METRICS: dict[str, Callable[[str, str], float]] = {
     "exact_match": exact_match,
     "contains": contains,
@@ -153,6 +216,9 @@ METRICS: dict[str, Callable[[str, str], float]] = {
     "numeric": numeric,
     "f1": f1,
     "answer_match": answer_match,
+    "regex": regex,
+    "json_schema": json_schema,
+    "set_match": set_match,
 }
 
 

@@ -23,6 +23,8 @@ class Task:
     verbalizer: dict[str, str] | None = None
     split: SplitSpec = field(default_factory=SplitSpec)
     max_new_tokens: int = 64
+    # The `llm_judge` metric's settings (JudgeSpec fields).
+    judge: dict | None = None
     # A held-out set from another dataset: the test split, instead of a part of `examples`.
     test_examples: list[Example] | None = None
     _splits: dict[str, list[int]] | None = None

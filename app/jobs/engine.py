@@ -31,7 +31,7 @@ from app.llm.metered import MeteredLLM, OutageNotice, SendGuard
 from app.llm.port import LLMBackend
 from app.optimizers.base import CandidateResult, MethodParams, Optimizer, OptimizerContext, StepReport, settle
 from app.optimizers.registry import METHODS
-from app.usage import Budget, BudgetExhausted, Usage
+from app.usage import Budget, BudgetExhausted, TokenPrice, Usage
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ def task_from_spec(
         verbalizer=task.get("verbalizer"),
         split=SplitSpec(**task["split"]),
         max_new_tokens=task.get("max_new_tokens") or 64,
+        judge=task.get("judge"),
     )
 
 
@@ -67,6 +68,7 @@ class JobPlan:
     max_llm_calls: int | None = None
     max_tokens: int | None = None
     max_seconds: float | None = None
+    max_cost: float | None = None
 
     @classmethod
     def from_spec(
@@ -88,6 +90,7 @@ class JobPlan:
             max_llm_calls=caps.get("max_llm_calls"),
             max_tokens=caps.get("max_tokens"),
             max_seconds=caps.get("max_seconds"),
+            max_cost=caps.get("max_cost"),
         )
 
     def new_optimizer(self, state: dict[str, Any] | None = None) -> Optimizer:
@@ -96,27 +99,29 @@ class JobPlan:
             optimizer.load_state_dict(state)
         return optimizer
 
-    def final_reserve(self, scorer: LLMBackend) -> tuple[int, int]:
-        """(calls, tokens) kept back from the search for scoring the initial and the best prompt on test."""
+    def final_reserve(self, scorer: LLMBackend) -> tuple[int, int, int]:
+        """(calls, prompt tokens, completion tokens) kept back from the search for scoring the initial and the best
+        prompt on test."""
         test = self.task.split_examples("test")
-        per_prompt = sum(
-            scorer.count_tokens_upper_bound(self.task.template + ex.input) + self.task.max_new_tokens for ex in test
-        )
+        inputs = sum(scorer.count_tokens_upper_bound(self.task.template + ex.input) for ex in test)
         instruction = scorer.count_tokens_upper_bound(self.initial_prompt) + _RESERVE_EXTRA_PROMPT_TOKENS
-        return 2 * len(test), 2 * per_prompt + len(test) * instruction
+        return 2 * len(test), 2 * inputs + len(test) * instruction, 2 * len(test) * self.task.max_new_tokens
 
-    def search_budget(self, scorer: LLMBackend, elapsed_before: float) -> Budget:
-        calls, tokens = self.final_reserve(scorer)
+    def search_budget(self, scorer: LLMBackend, elapsed_before: float, scorer_price: TokenPrice) -> Budget:
+        calls, prompt_tokens, completion_tokens = self.final_reserve(scorer)
+        tokens = prompt_tokens + completion_tokens
+        cost = scorer_price.cost(prompt_tokens, completion_tokens)
         return Budget(
             max_llm_calls=None if self.max_llm_calls is None else max(0, self.max_llm_calls - calls),
             max_tokens=None if self.max_tokens is None else max(0, self.max_tokens - tokens),
             max_seconds=self.max_seconds,
+            max_cost=None if self.max_cost is None else max(0.0, self.max_cost - cost),
             elapsed_before=elapsed_before,
         )
 
     def final_budget(self) -> Budget:
         # The whole cap: the search stopped short of it by the reserve. No time cap: the result must be scored.
-        return Budget(max_llm_calls=self.max_llm_calls, max_tokens=self.max_tokens)
+        return Budget(max_llm_calls=self.max_llm_calls, max_tokens=self.max_tokens, max_cost=self.max_cost)
 
 
 @dataclass(slots=True)
@@ -231,6 +236,7 @@ class _Meters:
     notice: OutageNotice | None = None
     cache_scope: str | None = None
     flights: Flights | None = None
+    price_for: Callable[[str], TokenPrice] | None = None
 
     def __call__(self, backend: LLMBackend, budget: Budget) -> MeteredLLM:
         return MeteredLLM(
@@ -244,6 +250,7 @@ class _Meters:
             notice=self.notice,
             cache_scope=self.cache_scope,
             flights=self.flights,
+            price=self.price_for(backend.name) if self.price_for is not None else None,
         )
 
 
@@ -265,8 +272,11 @@ class JobEngine:
         notice: OutageNotice | None = None,
         cache_scope: str | None = None,
         flights: Flights | None = None,
+        price_for: Callable[[str], TokenPrice] | None = None,
+        judge: LLMBackend | None = None,
     ) -> None:
-        """`cache_scope`: the evaluation cache's scope (the job's tenant; None: shared); `flights`: the worker's
+        """`price_for(backend name)`: what its tokens cost (usage.cost, budget.max_cost).
+        `cache_scope`: the evaluation cache's scope (the job's tenant; None: shared); `flights`: the worker's
         requests in flight, shared by its jobs (single-flight). `breaker_for(backend name)`:
         the backend's circuit breaker (jobs wait through its outages); `guard`: checked before every LLM send
         (fencing); `notice`: told when the job starts and stops waiting."""
@@ -275,10 +285,16 @@ class JobEngine:
         self.usage = usage
         self.optimizer = plan.new_optimizer(checkpoint["optimizer"] if checkpoint else None)
         self.selection = Selection.from_state(checkpoint["engine"] if checkpoint else None)
-        self._meter = _Meters(usage, store, lru, breaker_for, guard, notice, cache_scope, flights)
+        self._meter = _Meters(usage, store, lru, breaker_for, guard, notice, cache_scope, flights, price_for)
         self._scorer = scorer
-        self.search_budget = plan.search_budget(scorer, elapsed_before)
-        self.evaluator = Evaluator(plan.task, self._meter(scorer, self.search_budget))
+        scorer_price = price_for(scorer.name) if price_for is not None else TokenPrice()
+        self.search_budget = plan.search_budget(scorer, elapsed_before, scorer_price)
+        self._judge = judge  # grades outputs for the llm_judge metric
+        self.evaluator = Evaluator(
+            plan.task,
+            self._meter(scorer, self.search_budget),
+            judge_llm=self._meter(judge, self.search_budget) if judge is not None else None,
+        )
         self.ctx = OptimizerContext(
             evaluator=self.evaluator,
             optimizer_llm=self._meter(optimizer_llm, self.search_budget),
@@ -402,7 +418,10 @@ class JobEngine:
             prompts[entry.prompt] = (
                 self.plan.method.prompt_from_artifact(entry.artifact) if entry.artifact else entry.prompt
             )
-        self.evaluator.llm = self._meter(self._scorer, self.plan.final_budget())
+        final_budget = self.plan.final_budget()
+        self.evaluator.llm = self._meter(self._scorer, final_budget)
+        if self._judge is not None:
+            self.evaluator.judge_llm = self._meter(self._judge, final_budget)
         try:
             scores = {s.prompt: s for s in await self.evaluator.score(list(prompts.values()), "test")}
         except BudgetExhausted:

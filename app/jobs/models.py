@@ -46,6 +46,7 @@ class Job(Base):
     prompt_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
     completion_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
     cache_hits: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    cost: Mapped[float] = mapped_column(sa.Float, default=0.0)
     elapsed_seconds: Mapped[float] = mapped_column(sa.Float, default=0.0)
     initial: Mapped[dict | None] = mapped_column(sa.JSON)
     best: Mapped[dict | None] = mapped_column(sa.JSON)

@@ -13,6 +13,9 @@ from app.db import utcnow
 from app.jobs.models import Artifact, Candidate, CandidateEvaluation, Checkpoint, Job, JobEvent, JobStatus
 from app.pagination import decode_cursor, encode_cursor, newest_first
 from app.usage import Usage
+from app.webhooks.repository import WebhookRepository
+
+TERMINAL_STATUSES = {JobStatus.SUCCEEDED.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value}
 
 
 class LeaseLost(Exception):
@@ -85,6 +88,17 @@ class JobRepository:
         )
         return {(job_id, digest): outcomes for job_id, digest, outcomes in await self.session.execute(query)}
 
+    async def recent_finished(self, tenant: str, scorer_backend: str, *, limit: int) -> list[Job]:
+        """The tenant's latest succeeded jobs that made LLM calls, on this scorer backend."""
+        query = (
+            sa.select(Job)
+            .where(Job.tenant == tenant, Job.status == JobStatus.SUCCEEDED, Job.llm_calls > 0)
+            .order_by(Job.finished_at.desc())
+            .limit(limit * 5)
+        )
+        rows = (await self.session.execute(query)).scalars()
+        return [job for job in rows if job.spec.get("backends", {}).get("scorer") == scorer_backend][:limit]
+
     async def count_active(self, tenant: str) -> int:
         query = sa.select(sa.func.count()).where(
             Job.tenant == tenant, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])
@@ -115,7 +129,34 @@ class JobRepository:
         return result.rowcount == 1
 
     async def add_event(self, job_id: str, type_: str, data: dict) -> None:
+        """Record an event; a job's end (and each step, if asked for) also queues its webhook delivery, in the
+        same transaction."""
         self.session.add(JobEvent(job_id=job_id, type=type_, data=data))
+        terminal = type_ == "state" and data.get("status") in TERMINAL_STATUSES
+        if terminal or type_ == "step":
+            await self._queue_webhook(job_id, "terminal" if terminal else "step", type_, data)
+
+    async def _queue_webhook(self, job_id: str, kind: str, type_: str, data: dict) -> None:
+        job = await self.session.get(Job, job_id, populate_existing=True)
+        target = (job.spec or {}).get("webhook") if job is not None else None
+        if not target or kind not in target.get("events", ["terminal"]):
+            return
+        event = f"job.{data['status']}" if kind == "terminal" else "job.step"
+        payload = {
+            "event": event,
+            "job_id": job.id,
+            "tenant": job.tenant,
+            "method": job.method,
+            "status": job.status if kind == "step" else data["status"],
+            "stop_reason": job.stop_reason,
+            "step": job.step,
+            "best": job.best,
+            "usage": {"llm_calls": job.llm_calls, "prompt_tokens": job.prompt_tokens,
+                      "completion_tokens": job.completion_tokens, "cost": job.cost},
+            "data": data,
+            "sent_for": type_,
+        }  # fmt: skip
+        WebhookRepository(self.session).add(job.id, event, target["url"], payload)
 
     async def events_after(self, job_id: str, after_id: int, limit: int = 500) -> list[JobEvent]:
         query = (
@@ -358,5 +399,6 @@ class JobRepository:
                 prompt_tokens=Job.prompt_tokens + usage.prompt_tokens,
                 completion_tokens=Job.completion_tokens + usage.completion_tokens,
                 cache_hits=Job.cache_hits + usage.cache_hits,
+                cost=Job.cost + usage.cost,
             )
         )

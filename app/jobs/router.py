@@ -18,18 +18,20 @@ from app.input_limits import check_job, check_predict_inputs
 from app.jobs import service
 from app.jobs.models import JobStatus
 from app.jobs.repository import JobRepository
-from app.jobs.schemas import (
+from app.jobs.schemas import PredictIn, job_create_type
+from app.jobs.views import (
     CandidatePage,
     CandidateRead,
+    JobEstimate,
     JobPage,
     JobRead,
-    PredictIn,
     Prediction,
     PredictOut,
-    job_create_type,
+    WebhookDeliveryRead,
 )
 from app.metrics import JOBS_SUBMITTED
 from app.openapi_responses import BODY_ERRORS, V1_ERRORS, error_responses
+from app.webhooks.repository import WebhookRepository
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=V1_ERRORS)
@@ -94,6 +96,7 @@ async def submit_job(
             datasets=DatasetRepository(session),
             registry=services.registry,
             tenant=tenant,
+            webhooks=services.settings.webhooks,
         )
         read = service.job_read(job, with_spec=True)
         read.warnings = warnings
@@ -106,6 +109,24 @@ async def submit_job(
     JOBS_SUBMITTED.labels(method=created["method"]).inc()
     await enqueue_committed(services, created["id"])
     return created
+
+
+@router.post("/estimate", response_model=JobEstimate, responses=BODY_ERRORS)
+async def estimate_job(
+    payload: JobCreate,  # type: ignore[valid-type]
+    services: ServicesDep,
+    tenant: TenantDep,
+) -> JobEstimate:
+    """A dry run: validate the job as on submission and estimate its LLM calls, tokens, cost and wall time."""
+    check_job(payload, services.settings.api.limits)
+    async with services.db.transaction() as session:
+        return await service.estimate_job(
+            payload,
+            jobs=JobRepository(session),
+            datasets=DatasetRepository(session),
+            registry=services.registry,
+            tenant=tenant,
+        )
 
 
 @router.get("", response_model=JobPage, responses=error_responses(403))
@@ -233,6 +254,15 @@ async def get_artifact(
     """The soft-prompt artifact (BBT/BBTv2) behind the job's best prompt: z, projection seed and scales, model."""
     async with services.db.transaction() as session:
         return await service.job_artifact(JobRepository(session), job_id, tenant, use)
+
+
+@router.get("/{job_id}/webhooks", response_model=list[WebhookDeliveryRead], responses=NOT_FOUND)
+async def webhook_deliveries(job_id: str, services: ServicesDep, tenant: TenantDep) -> list[WebhookDeliveryRead]:
+    """The job's webhook deliveries, oldest first, with each one's attempts and last outcome."""
+    async with services.db.transaction() as session:
+        await service.get_job(JobRepository(session), job_id, tenant)
+        rows = await WebhookRepository(session).of_job(job_id)
+        return [WebhookDeliveryRead.model_validate(row, from_attributes=True) for row in rows]
 
 
 @router.post("/{job_id}/predict", response_model=PredictOut, responses={**BODY_ERRORS, **NOT_FOUND})

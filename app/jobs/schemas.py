@@ -2,22 +2,50 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from functools import cache
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model, field_validator, model_validator
 
+from app.evaluation.evaluator import JUDGE_METRIC
 from app.evaluation.metrics import METRICS
 from app.evaluation.templates import INPUT_SLOT, PROMPT_SLOT
 from app.optimizers.registry import METHODS
 
-MetricName = Literal["exact_match", "contains", "label_accuracy", "numeric", "f1", "answer_match"]
-assert set(MetricName.__args__) == set(METRICS)  # type: ignore[attr-defined]
+MetricName = Literal[
+    "exact_match",
+    "contains",
+    "label_accuracy",
+    "numeric",
+    "f1",
+    "answer_match",
+    "regex",
+    "json_schema",
+    "set_match",
+    "llm_judge",
+]
+assert set(MetricName.__args__) == {*METRICS, JUDGE_METRIC}  # type: ignore[attr-defined]
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class JudgeIn(Strict):
+    """The `llm_judge` metric: `backend` grades each output (given the input and the target as a reference) by the
+    `rubric`, on a scale from `scale_min` to `scale_max`; the grade, rescaled to [0, 1], is the example's score."""
+
+    rubric: str = Field(..., min_length=1, max_length=20_000)
+    backend: str = Field("default", max_length=64, description="Needs `generate`.")
+    scale_min: int = Field(1, ge=0, le=100)
+    scale_max: int = Field(10, ge=1, le=100)
+    max_tokens: int = Field(16, ge=1, le=256, description="For the grade reply.")
+
+    @model_validator(mode="after")
+    def _scale(self) -> JudgeIn:
+        if self.scale_max <= self.scale_min:
+            raise ValueError("scale_max must be above scale_min")
+        return self
 
 
 class SplitIn(Strict):
@@ -64,6 +92,7 @@ class TaskIn(Strict):
     verbalizer: dict[str, Annotated[str, Field(max_length=1_000)]] | None = None
     split: SplitIn = Field(default_factory=SplitIn)
     max_new_tokens: int | None = Field(None, ge=1, le=4096)
+    judge: JudgeIn | None = Field(None, description="Settings of the `llm_judge` metric (required by it).")
 
     @field_validator("template")
     @classmethod
@@ -96,6 +125,19 @@ class BudgetIn(Strict):
     max_llm_calls: int | None = Field(2000, ge=1, description="Hard cap on LLM requests (cache hits are free).")
     max_tokens: int | None = Field(None, ge=1, description="Hard cap on prompt + completion tokens.")
     max_seconds: float | None = Field(None, gt=0, description="Hard cap on wall time across attempts.")
+    max_cost: float | None = Field(
+        None, gt=0, description="Hard cap on money, from the backends' prices (a backend without one is free)."
+    )
+
+
+class WebhookIn(Strict):
+    url: str = Field(..., min_length=1, max_length=2000, description="Must match `webhooks.allowed_destinations`.")
+    events: list[Literal["terminal", "step"]] = Field(
+        default_factory=lambda: ["terminal"],
+        min_length=1,
+        max_length=2,
+        description='"terminal": the job\'s end; "step": each finished step too.',
+    )
 
 
 class JobCreateBase(Strict):
@@ -104,6 +146,9 @@ class JobCreateBase(Strict):
     backends: BackendsIn = Field(default_factory=BackendsIn)
     budget: BudgetIn = Field(default_factory=BudgetIn)
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    webhook: WebhookIn | None = Field(
+        None, description="Tell this URL of the job's end (and steps); signed, retried, logged. Default: the tenant's."
+    )
 
 
 def _apply_preset(method_cls):
@@ -170,78 +215,6 @@ def job_create_adapter() -> TypeAdapter:
     return TypeAdapter(job_create_type())
 
 
-class Progress(BaseModel):
-    step: int
-    total_steps: int
-    fraction: float
-
-
-class UsageOut(BaseModel):
-    llm_calls: int
-    prompt_tokens: int
-    completion_tokens: int
-    cache_hits: int
-
-
-class PromptResult(BaseModel):
-    prompt: Any
-    dev_score: float | None = None
-    test_score: float | None = None
-    test_n: int | None = Field(None, description="Test examples the test score is the mean over.")
-    test_stderr: float | None = Field(None, description="The test score's standard error.")
-    test_low: float | None = Field(None, description="The test score's 95% interval, lower end.")
-    test_high: float | None = Field(None, description="The test score's 95% interval, upper end.")
-    test_method: str | None = Field(
-        None, description='How the interval was computed: "wilson" (0/1 outcomes) or "normal".'
-    )
-    train_score: float | None = None
-    step: int | None = None
-
-
-class JobRead(BaseModel):
-    id: str
-    tenant: str
-    method: str
-    status: str
-    stop_reason: str | None
-    progress: Progress
-    usage: UsageOut
-    initial: PromptResult | None
-    best: PromptResult | None
-    attempts: int
-    error: str | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    spec: dict | None = Field(None, description="The job as submitted, defaults filled in.")
-    warnings: list[str] = Field(
-        default_factory=list,
-        description="Set on submission only (also kept as `warning` events): e.g. a budget too small to finish.",
-    )
-
-
-class JobPage(BaseModel):
-    items: list[JobRead]
-    next_cursor: str | None
-
-
-class CandidateRead(BaseModel):
-    id: int
-    step: int
-    prompt: str
-    score: float
-    dev_score: float | None
-    test_score: float | None
-    # Method-specific facts about the candidate (e.g. its loss, generation, layer, edit operations).
-    details: dict = Field(default_factory=dict)
-    created_at: datetime
-
-
-class CandidatePage(BaseModel):
-    items: list[CandidateRead]
-    next_cursor: str | None
-
-
 class PredictIn(Strict):
     inputs: list[Annotated[str, Field(max_length=100_000)]] = Field(..., min_length=1, max_length=10_000)
     use: Literal["best", "initial"] = "best"
@@ -250,13 +223,3 @@ class PredictIn(Strict):
         max_length=64,
         description="Backend to predict with (default: the job's scorer); a soft prompt needs the same model.",
     )
-
-
-class Prediction(BaseModel):
-    input: str
-    output: str
-
-
-class PredictOut(BaseModel):
-    prompt: str
-    predictions: list[Prediction]

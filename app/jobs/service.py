@@ -9,18 +9,22 @@ from dataclasses import dataclass
 from app.datasets.repository import DatasetRepository
 from app.datasets.service import BUILTIN_PREFIX, builtin_task, resolve_examples
 from app.errors import InvalidPayload, NotFound, ServiceUnavailable
-from app.evaluation.evaluator import Evaluator, Prompt, prompt_name
+from app.evaluation.evaluator import JUDGE_METRIC, Evaluator, Prompt, prompt_name
+from app.evaluation.metrics import target_problem
 from app.evaluation.task import Example, Task
 from app.jobs.engine import JobPlan, task_from_spec
 from app.jobs.models import Job, JobStatus
 from app.jobs.repository import JobRepository
-from app.jobs.schemas import JobCreateBase, JobRead, PredictIn, Progress, PromptResult, UsageOut
+from app.jobs.schemas import JobCreateBase, PredictIn
+from app.jobs.views import JobEstimate, JobRead, Progress, PromptResult, SecondsRange, UsageOut
 from app.llm.metered import PREFIX_CAPABILITY, MeteredLLM
-from app.llm.port import BackendUnavailable
+from app.llm.port import BackendUnavailable, Capability
 from app.llm.registry import BackendRegistry
 from app.optimizers.base import instruction_hash
 from app.optimizers.registry import METHODS
+from app.settings import WebhookSettings
 from app.usage import Budget, Usage
+from app.webhooks.service import resolve_webhook
 
 DEFAULT_TEMPLATE = "{prompt}\n\n{input}"
 DEFAULT_METRIC = "exact_match"
@@ -49,10 +53,45 @@ async def submit_job(
     datasets: DatasetRepository,
     registry: BackendRegistry,
     tenant: str,
+    webhooks: WebhookSettings,
     study: tuple[str, int] | None = None,
 ) -> tuple[Job, list[str]]:
     """Validate and store a job; returns it with the warnings a client should see (not errors: it was accepted).
     `study`: the study and arm index the job is a run of."""
+    spec, plan = await plan_job(payload, datasets=datasets, registry=registry, tenant=tenant)
+    spec["webhook"] = await resolve_webhook(spec.get("webhook"), tenant, webhooks)
+    method = spec["method"]
+    job = Job(
+        id=str(uuid.uuid4()),
+        tenant=tenant,
+        method=method,
+        status=JobStatus.QUEUED,
+        spec=spec,
+        step=0,
+        total_steps=plan.new_optimizer().total_steps,
+        llm_calls=0,
+        prompt_tokens=0,
+        completion_tokens=0,
+        cache_hits=0,
+        cost=0.0,
+        elapsed_seconds=0.0,
+        attempts=0,
+        cancel_requested=False,
+        study_id=None if study is None else study[0],
+        study_arm=None if study is None else study[1],
+    )
+    await jobs.add(job)
+    await jobs.add_event(job.id, "state", {"status": JobStatus.QUEUED.value})
+    warnings = budget_warnings(plan, registry.info(plan.scorer_backend).geometry.get("num_layers", 30))
+    for warning in warnings:
+        await jobs.add_event(job.id, "warning", {"message": warning})
+    return job, warnings
+
+
+async def plan_job(
+    payload: JobCreateBase, *, datasets: DatasetRepository, registry: BackendRegistry, tenant: str
+) -> tuple[dict, JobPlan]:
+    """Validate a job against its datasets and backends; returns its spec (defaults filled in) and its plan."""
     method = payload.method  # type: ignore[attr-defined]
     _check_backends(payload, registry, method)
 
@@ -83,7 +122,14 @@ async def submit_job(
             raise InvalidPayload(
                 ["task", "labels"], f"targets {unknown[:10]} are not among the labels", allowed=resolved.labels
             )
-    elif resolved.split.kind == "k_shot":
+    elif resolved.metric == JUDGE_METRIC:
+        _check_judge(resolved, registry)
+    elif resolved.metric in ("regex", "json_schema"):
+        for index, example in enumerate([*examples, *(test_examples or [])]):
+            problem = target_problem(resolved.metric, example["target"])
+            if problem is not None:
+                raise InvalidPayload(["task", "dataset"], f"example {index}: the target is {problem}")
+    if resolved.split.kind == "k_shot" and resolved.metric != "label_accuracy":
         raise InvalidPayload(
             ["task", "split", "kind"], "a k_shot split needs a label task (metric 'label_accuracy')", allowed="fraction"
         )
@@ -98,32 +144,20 @@ async def submit_job(
     spec["task"] = resolved.model_dump(mode="json")
     spec["initial_prompt"] = initial_prompt
 
-    plan = JobPlan.from_spec({**spec, "method": method}, examples, test_examples)
+    spec["method"] = method
+    plan = JobPlan.from_spec(spec, examples, test_examples)
     _check_split_sizes(plan.task)
-    job = Job(
-        id=str(uuid.uuid4()),
-        tenant=tenant,
-        method=method,
-        status=JobStatus.QUEUED,
-        spec=spec,
-        step=0,
-        total_steps=plan.new_optimizer().total_steps,
-        llm_calls=0,
-        prompt_tokens=0,
-        completion_tokens=0,
-        cache_hits=0,
-        elapsed_seconds=0.0,
-        attempts=0,
-        cancel_requested=False,
-        study_id=None if study is None else study[0],
-        study_arm=None if study is None else study[1],
-    )
-    await jobs.add(job)
-    await jobs.add_event(job.id, "state", {"status": JobStatus.QUEUED.value})
-    warnings = budget_warnings(plan, registry.info(plan.scorer_backend).geometry.get("num_layers", 30))
-    for warning in warnings:
-        await jobs.add_event(job.id, "warning", {"message": warning})
-    return job, warnings
+    return spec, plan
+
+
+def _check_judge(task, registry: BackendRegistry) -> None:
+    if task.judge is None:
+        raise InvalidPayload(["task", "judge"], "metric 'llm_judge' needs task.judge (a rubric and a backend)")
+    name = task.judge.backend
+    if name not in registry.names:
+        raise InvalidPayload(["task", "judge", "backend"], f"unknown backend {name!r}", allowed=registry.names)
+    if Capability.GENERATE not in registry.capabilities(name):
+        raise InvalidPayload(["task", "judge", "backend"], f"backend {name!r} cannot generate text")
 
 
 async def _examples_of(datasets: DatasetRepository, ref: str, tenant: str, field: str) -> list[dict[str, str]]:
@@ -185,6 +219,7 @@ def job_read(job: Job, *, with_spec: bool = False) -> JobRead:
             prompt_tokens=job.prompt_tokens,
             completion_tokens=job.completion_tokens,
             cache_hits=job.cache_hits,
+            cost=round(job.cost or 0.0, 6),
         ),
         initial=PromptResult(**job.initial) if job.initial else None,
         best=PromptResult(**job.best) if job.best else None,
@@ -282,3 +317,48 @@ async def predict(
             f"backend {backend_name!r} is not answering; retry shortly", headers={"Retry-After": "5"}
         ) from exc
     return outputs
+
+
+# Without history, a token is taken to be about this many characters (English text and BPE vocabularies).
+CHARS_PER_TOKEN = 4
+# Recent finished jobs the estimate learns tokens per call and calls per second from.
+ESTIMATE_HISTORY = 20
+
+
+async def estimate_job(
+    payload: JobCreateBase, *, jobs: JobRepository, datasets: DatasetRepository, registry: BackendRegistry, tenant: str
+) -> JobEstimate:
+    """A dry run: the job validated as on submission, and what it is expected to cost."""
+    spec, plan = await plan_job(payload, datasets=datasets, registry=registry, tenant=tenant)
+    task = plan.task
+    sizes = {split: len(task.split_examples(split)) for split in ("train", "dev", "test")}
+    num_layers = registry.info(plan.scorer_backend).geometry.get("num_layers", 30)
+    calls = plan.method.expected_calls(plan.params, sizes["train"], sizes["dev"], num_layers) + 2 * sizes["test"]
+
+    history = await jobs.recent_finished(tenant, plan.scorer_backend, limit=ESTIMATE_HISTORY)
+    same_kind = [j for j in history if j.method == spec["method"] and j.spec["task"]["dataset"] == task_dataset(spec)]
+    if same_kind:
+        per_call = sorted((j.prompt_tokens + j.completion_tokens) / j.llm_calls for j in same_kind)[len(same_kind) // 2]
+        basis = f"median tokens per call of {len(same_kind)} earlier {spec['method']} jobs on this dataset"
+    else:
+        examples = task.split_examples("train") or task.split_examples("dev")
+        rendered = [len(task.template) + len(plan.initial_prompt) + len(ex.input) for ex in examples] or [0]
+        completion = 1 if task.metric == "label_accuracy" else task.max_new_tokens
+        per_call = sum(rendered) / len(rendered) / CHARS_PER_TOKEN + completion
+        basis = f"the prompts' length (about {CHARS_PER_TOKEN} characters a token); no earlier job to learn from"
+    tokens = int(round(calls * per_call))
+    rates = [j.llm_calls / j.elapsed_seconds for j in history if j.elapsed_seconds > 0]
+    seconds = SecondsRange(low=calls / max(rates), high=calls / min(rates)) if rates else None
+    return JobEstimate(
+        expected_llm_calls=calls,
+        expected_tokens=tokens,
+        tokens_basis=basis,
+        expected_cost=round(registry.price(plan.scorer_backend).cost(tokens, 0), 6),
+        seconds=seconds,
+        split=sizes,
+        warnings=budget_warnings(plan, num_layers),
+    )
+
+
+def task_dataset(spec: dict) -> str:
+    return spec["task"]["dataset"]

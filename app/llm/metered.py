@@ -33,7 +33,8 @@ from app.llm.port import (
     PrefixKind,
     SendRefused,
 )
-from app.usage import Budget, Usage
+from app.metrics import LLM_CACHE_HITS, LLM_ERRORS, llm_answered
+from app.usage import Budget, TokenPrice, Usage
 
 
 # Awaited before every batch: returns once this job may call the model (e.g. its lease is known to be valid),
@@ -82,11 +83,13 @@ class MeteredLLM:
         notice: OutageNotice | None = None,
         cache_scope: str | None = None,
         flights: Flights | None = None,
+        price: TokenPrice | None = None,
     ) -> None:
         """`cache_scope`: answers are cached (and found) only within this scope, e.g. the job's tenant, so one
         tenant never learns what another evaluated nor gets work another paid for. `flights`: the process's
         requests in flight, shared by its jobs, so two jobs missing the cache on one request send it once."""
         self.backend = backend
+        self.price = price or TokenPrice()
         self.cache_scope = cache_scope
         self.flights = flights
         self.usage = usage
@@ -96,6 +99,7 @@ class MeteredLLM:
         self.breaker = breaker
         self.guard = guard
         self.notice = notice
+        self.metric_backend = str(getattr(backend, "name", None) or "unknown")  # the `backend` label
 
     @property
     def info(self) -> BackendInfo:
@@ -132,7 +136,7 @@ class MeteredLLM:
         values = await self._run(
             "generate",
             requests,
-            lambda r: self.backend.count_tokens_upper_bound(r.prompt + (r.system or "")) + r.max_tokens * r.n,
+            lambda r: (self.backend.count_tokens_upper_bound(r.prompt + (r.system or "")), r.max_tokens * r.n),
             self._call_generate,
             None if on_result is None else (lambda i, value: on_result(i, Generation(**value))),
         )
@@ -145,7 +149,7 @@ class MeteredLLM:
         values = await self._run(
             "label_logprobs",
             requests,
-            lambda r: self.backend.count_tokens_upper_bound(r.prompt) + 1 + (r.prefix.length if r.prefix else 0),
+            lambda r: (self.backend.count_tokens_upper_bound(r.prompt) + (r.prefix.length if r.prefix else 0), 1),
             self._call_label_logprobs,
         )
         return [LabelScores(**v) for v in values]
@@ -200,6 +204,7 @@ class MeteredLLM:
                 to_send.append(i)
         if hits:
             self.usage.cache_hits += hits
+            LLM_CACHE_HITS.labels(self.metric_backend).inc(hits)
             if self.store is not None:
                 self.store.submit(None, model_id, {}, Usage(cache_hits=hits))
             if on_value is not None:
@@ -232,6 +237,7 @@ class MeteredLLM:
                     unanswered.append(i)
                     continue
                 self.usage.cache_hits += 1  # another job paid for it
+                LLM_CACHE_HITS.labels(self.metric_backend).inc()
                 if self.store is not None:
                     self.store.submit(None, model_id, {}, Usage(cache_hits=1))
                 deliver(i, value)
@@ -243,9 +249,13 @@ class MeteredLLM:
 
     async def _send(self, requests, keys, to_send, results, token_bound, call, deliver, model_id) -> None:
         """Send `to_send` (indices into `requests`) under the budget, through the breaker and the send guard."""
-        reserve_tokens = sum(token_bound(requests[i]) for i in to_send)
+        # `token_bound(request)`: upper bounds of its (prompt, completion) tokens.
+        bounds = [token_bound(requests[i]) for i in to_send]
+        prompt_bound, completion_bound = sum(b[0] for b in bounds), sum(b[1] for b in bounds)
+        reserve_tokens = prompt_bound + completion_bound
+        reserve_cost = self.price.cost(prompt_bound, completion_bound)
         try:
-            self.budget.reserve(self.usage, len(to_send), reserve_tokens)
+            self.budget.reserve(self.usage, len(to_send), reserve_tokens, reserve_cost)
         except BaseException:
             self._abandon(keys, to_send, results)
             raise
@@ -257,10 +267,14 @@ class MeteredLLM:
             i = sent[j]
             key = keys[i]
             delta = Usage(
-                llm_calls=1, prompt_tokens=value["prompt_tokens"], completion_tokens=value["completion_tokens"]
+                llm_calls=1,
+                prompt_tokens=value["prompt_tokens"],
+                completion_tokens=value["completion_tokens"],
+                cost=self.price.cost(value["prompt_tokens"], value["completion_tokens"]),
             )
             # Charged once per answered request, whatever retries it took inside the backend.
             self.usage.add(delta)
+            llm_answered(self.metric_backend, delta.prompt_tokens, delta.completion_tokens)
             if key is not None:
                 self.lru.put(key, value)
                 if self.flights is not None:
@@ -278,6 +292,7 @@ class MeteredLLM:
                 except SendRefused:
                     pass  # the guard decides, before the rest is sent
                 except BackendError as exc:
+                    LLM_ERRORS.labels(self.metric_backend, "transient" if exc.transient else "permanent").inc()
                     if not exc.transient or self.breaker is None:
                         raise
                     # Wait for the backend (breaker), then send again only what was not answered.
@@ -286,7 +301,7 @@ class MeteredLLM:
                 if not sent:
                     break
         finally:
-            self.budget.release(len(to_send), reserve_tokens)
+            self.budget.release(len(to_send), reserve_tokens, reserve_cost)
             self._abandon(keys, to_send, results)
         # Answers are written (and charged) by the store in the background; the engine waits for them before each
         # checkpoint (`flush`), not here, so the next batch is not held up by a database round trip.

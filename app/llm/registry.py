@@ -8,6 +8,7 @@ import logging
 from app.llm.breaker import CircuitBreaker
 from app.llm.port import BackendError, BackendInfo, Capability, LLMBackend
 from app.settings import BackendSettings, Settings
+from app.usage import TokenPrice
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,11 @@ class BackendRegistry:
     def shared_backends(self) -> list[tuple[str, LLMBackend]]:
         """Backends built in this process whose concurrency is shared with other workers (HTTP ones)."""
         return [(name, b) for name, b in self._backends.items() if hasattr(b, "set_share")]
+
+    def price(self, name: str) -> TokenPrice:
+        """What the backend's tokens cost (free unless its settings give a price)."""
+        config = self.settings.backends.get(name)
+        return config.price.token_price() if config is not None and config.price is not None else TokenPrice()
 
     def breaker(self, name: str) -> CircuitBreaker:
         """The backend's circuit breaker in this process (every job on it shares it)."""

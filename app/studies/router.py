@@ -17,7 +17,8 @@ from app.metrics import JOBS_SUBMITTED
 from app.openapi_responses import BODY_ERRORS, V1_ERRORS, error_responses
 from app.studies import service
 from app.studies.repository import StudyRepository
-from app.studies.schemas import StudyCreate, StudyPage, StudyRead
+from app.studies.schemas import StudyCreate
+from app.studies.views import StudyPage, StudyRead
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"], responses=V1_ERRORS)
 NOT_FOUND = error_responses(404)
@@ -46,6 +47,7 @@ async def create_study(
             datasets=DatasetRepository(session),
             registry=services.registry,
             tenant=tenant,
+            webhooks=services.settings.webhooks,
         )
         read = service.study_read(study, runs)
         body = read.model_dump(mode="json")

@@ -18,9 +18,10 @@ from app.jobs.repository import JobRepository
 from app.jobs.schemas import job_create_adapter, normalize_job_error
 from app.llm.registry import BackendRegistry
 from app.optimizers.base import instruction_hash
+from app.settings import WebhookSettings
 from app.studies.models import Study
 from app.studies.repository import StudyRepository
-from app.studies.schemas import ArmResult, Comparison, Interval, RunRead, StudyRead
+from app.studies.views import ArmResult, Comparison, Interval, RunRead, StudyRead
 
 BASELINE_METHOD = "evaluate"
 # Fixed, so a leaderboard reads the same every time it is asked for.
@@ -58,7 +59,7 @@ def _in_arm(exc: InvalidPayload, arm_index: int) -> InvalidPayload:
 
 async def create_study(
     payload, *, studies: StudyRepository, jobs: JobRepository, datasets: DatasetRepository, registry: BackendRegistry,
-    tenant: str,
+    tenant: str, webhooks: WebhookSettings,
 ) -> tuple[Study, list[Job], list[str]]:  # fmt: skip
     arms = resolved_arms(payload)
     runs = len(arms) * len(payload.seeds)
@@ -94,7 +95,7 @@ async def create_study(
                 job_payload = job_create_adapter().validate_python(body)
                 job, job_warnings = await jobs_service.submit_job(
                     job_payload, jobs=jobs, datasets=datasets, registry=registry, tenant=tenant,
-                    study=(study.id, arm_index),
+                    webhooks=webhooks, study=(study.id, arm_index),
                 )  # fmt: skip
             except ValidationError as exc:  # the arm was valid on its own: the study's budget share made it invalid
                 err = normalize_job_error(
