@@ -228,27 +228,45 @@ async def test_bbt_refused_on_http_backend_without_prompt_embeds(app_client):
 
 
 def test_embedding_weights_are_found_in_a_file_a_directory_and_a_hub_cache_entry(tmp_path):
-    from app.llm.embedding_weights import EmbeddingWeightsError, load_input_embeddings
+    from app.llm.embedding_weights import EmbeddingWeightsError, open_input_embeddings
 
     matrix = np.arange(12, dtype=np.float32).reshape(4, 3)
     other = np.ones((2, 2), dtype=np.float32)
+    everything = list(range(4))
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     save_file({"lm_head.weight": other}, str(model_dir / "model-00001-of-00002.safetensors"))
     save_file({"model.embed_tokens.weight": matrix}, str(model_dir / "model-00002-of-00002.safetensors"))
-    assert np.array_equal(load_input_embeddings(model_dir), matrix)  # searched across shards
-    assert np.array_equal(load_input_embeddings(model_dir / "model-00002-of-00002.safetensors"), matrix)
-    assert np.array_equal(load_input_embeddings(model_dir, "lm_head.weight"), other)
+    assert np.array_equal(open_input_embeddings(model_dir)[everything], matrix)  # searched across shards
+    assert np.array_equal(open_input_embeddings(model_dir / "model-00002-of-00002.safetensors")[[2, 0]], matrix[[2, 0]])
+    assert np.array_equal(open_input_embeddings(model_dir, "lm_head.weight")[[0, 1]], other)
 
     snapshot = tmp_path / "hub" / "models--Org--Name" / "snapshots" / "abc123"
     snapshot.mkdir(parents=True)
     save_file({"transformer.wte.weight": matrix}, str(snapshot / "model.safetensors"))
-    assert np.array_equal(load_input_embeddings(tmp_path / "hub" / "models--Org--Name"), matrix)
+    assert np.array_equal(open_input_embeddings(tmp_path / "hub" / "models--Org--Name")[everything], matrix)
 
     with pytest.raises(EmbeddingWeightsError, match="no 'missing'"):
-        load_input_embeddings(model_dir, "missing")
+        open_input_embeddings(model_dir, "missing")
     with pytest.raises(EmbeddingWeightsError, match="not a .safetensors file"):
-        load_input_embeddings(tmp_path / "nowhere")
+        open_input_embeddings(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_embedding_rows_are_read_in_the_files_dtype_and_widened_on_demand(tmp_path, dtype):
+    import torch
+    from safetensors.torch import save_file as save_torch
+
+    from app.llm.embedding_weights import open_input_embeddings
+
+    weights = torch.randn(300, 16, generator=torch.Generator().manual_seed(0)).to(getattr(torch, dtype))
+    save_torch({"model.embed_tokens.weight": weights, "other": torch.zeros(3)}, str(tmp_path / "m.safetensors"))
+    rows = open_input_embeddings(tmp_path / "m.safetensors")
+    expected = weights.float().numpy()
+    assert rows.shape == (300, 16) and isinstance(rows._stored, np.memmap)  # mapped, not read into memory
+    assert np.array_equal(rows[[5, 0, 299, 5]], expected[[5, 0, 299, 5]])
+    assert rows[[1]].dtype == np.float32
+    assert rows.std() == pytest.approx(float(expected.std()), rel=1e-6)
 
 
 def test_soft_prompt_goes_after_a_bos_and_first_otherwise():

@@ -39,7 +39,7 @@ class PromptEmbedder:
         self.name = name
         self.settings = settings
         self._tokenize = tokenize
-        self.matrix: Any = None  # (vocab, hidden) float32, read on first use
+        self.matrix: Any = None  # EmbeddingRows (vocab, hidden), memory-mapped on first use
         self._lock = asyncio.Lock()
         self._special_prefix: list[int] | None = None
         self._prompt_ids: OrderedDict[str, list[int]] = OrderedDict()
@@ -53,10 +53,10 @@ class PromptEmbedder:
                         raise BackendError(
                             f"{self.name}: set embedding_weights (the served model's safetensors) to send soft prompts"
                         )
-                    from app.llm.embedding_weights import load_input_embeddings
+                    from app.llm.embedding_weights import open_input_embeddings
 
                     self.matrix = await asyncio.to_thread(
-                        load_input_embeddings, self.settings.embedding_weights, self.settings.embedding_tensor
+                        open_input_embeddings, self.settings.embedding_weights, self.settings.embedding_tensor
                     )
         return self.matrix
 
