@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -183,3 +184,37 @@ def label_job(**overrides) -> dict:
         else:
             body[key] = value
     return body
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.asynccontextmanager
+async def serving(app) -> AsyncIterator[str]:
+    """An ASGI app on a real port, in this event loop (for subprocesses, browsers and webhook receivers)."""
+    import uvicorn
+
+    port = free_port()
+    # A bounded graceful shutdown: an event stream a client left open must not hold the test.
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    for _ in range(200):  # uvicorn offers a flag, not an event
+        if server.started:
+            break
+        await asyncio.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+@contextlib.asynccontextmanager
+async def served(settings: Settings) -> AsyncIterator[str]:
+    """The API with these settings on a real port."""
+    async with serving(create_app(settings)) as url:
+        yield url

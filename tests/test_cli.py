@@ -8,8 +8,7 @@ import json
 import os
 import sys
 
-from tests.conftest import label_job
-from tests.test_study_cli import free_port, served
+from tests.conftest import free_port, label_job, served
 
 
 async def run_cli(url: str, *args: str) -> tuple[int, str, str]:

@@ -17,10 +17,9 @@ from promptopt_client import (
     NotFound,
     Unauthorized,
 )
-from tests.conftest import label_job
+from tests.conftest import free_port, label_job, served
 from tests.fakes.fault_proxy import FaultProxy
 from tests.test_studies import study_body
-from tests.test_study_cli import free_port, served
 
 
 async def test_every_endpoint(settings, worker, tmp_path):

@@ -12,7 +12,6 @@ import importlib.util
 import json
 import re
 import shutil
-import socket
 import tomllib
 import uuid
 from collections.abc import AsyncIterator
@@ -21,12 +20,10 @@ from pathlib import Path
 import httpx
 import pytest
 import pytest_asyncio
-import uvicorn
 
 from app.jobs.models import Artifact, Candidate, Job, JobStatus
-from app.main import create_app
 from app.optimizers.base import instruction_hash
-from tests.conftest import label_job, wait_for_status
+from tests.conftest import label_job, served, wait_for_status
 from tests.test_studies import study_body
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,33 +36,6 @@ needs_browser = pytest.mark.skipif(
     not Path(CHROMIUM).exists() or importlib.util.find_spec("playwright") is None,
     reason="needs Debian's chromium and playwright (scripts/test.sh installs both)",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.asynccontextmanager
-async def served(settings) -> AsyncIterator[str]:
-    """The API on a real port, in this event loop (the browser needs a socket)."""
-    port = free_port()
-    # A bounded graceful shutdown: an event stream the browser left open must not hold the test.
-    config = uvicorn.Config(
-        create_app(settings), host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=2
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    for _ in range(200):  # uvicorn offers a flag, not an event
-        if server.started:
-            break
-        await asyncio.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")

@@ -10,8 +10,7 @@ import pytest
 from app.settings import PriceSettings
 from app.usage import Budget, BudgetExhausted, TokenPrice, Usage
 from promptopt_client import AsyncClient, BadRequest
-from tests.conftest import label_job, running_worker
-from tests.test_study_cli import served
+from tests.conftest import label_job, running_worker, served
 
 PRICE = PriceSettings(prompt_per_million=2_000.0, completion_per_million=8_000.0)  # high, so costs are visible
 

@@ -8,7 +8,6 @@ import contextlib
 import json
 
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -18,8 +17,7 @@ from app.settings import WebhookSettings, WebhookTarget
 from app.webhooks.destinations import refused_address
 from app.webhooks.signing import sign, verify
 from promptopt_client import verify_signature
-from tests.conftest import label_job, wait_for_status
-from tests.test_study_cli import free_port
+from tests.conftest import label_job, served, serving, wait_for_status
 
 SECRET = "test-webhook-secret"
 
@@ -40,19 +38,9 @@ class Receiver:
 
 @contextlib.asynccontextmanager
 async def receiving(receiver: Receiver):
-    port = free_port()
     app = Starlette(routes=[Route("/hooks/job", receiver.hook, methods=["POST"])])
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    task = asyncio.create_task(server.serve())
-    for _ in range(200):
-        if server.started:
-            break
-        await asyncio.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}/hooks/"
-    finally:
-        server.should_exit = True
-        await task
+    async with serving(app) as url:
+        yield f"{url}/hooks/"
 
 
 def with_webhooks(settings, prefix: str, **overrides):
@@ -70,7 +58,6 @@ def with_webhooks(settings, prefix: str, **overrides):
 async def test_deliveries_are_signed_retried_and_logged(settings):
     from promptopt_client import AsyncClient
     from tests.conftest import running_worker
-    from tests.test_study_cli import served
 
     receiver = Receiver(fail_first=2)
     async with receiving(receiver) as prefix:
