@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 from scipy import stats
@@ -23,8 +23,21 @@ _TIE_EPS = 1e-12
 _EXACT_BINOMIAL_MAX_N = 2000
 
 
-def _r4(x: float) -> float:
-    return round(float(x), 4)
+def _json_safe(result) -> dict[str, object]:
+    """A result dataclass as plain JSON values: floats rounded to 4 decimals (the p-value to 6, so that small
+    p-values stay distinguishable), ints and bools as Python's own."""
+    out: dict[str, object] = {}
+    for item in fields(result):
+        value = getattr(result, item.name)
+        if isinstance(value, bool | np.bool_):
+            out[item.name] = bool(value)
+        elif isinstance(value, int | np.integer):
+            out[item.name] = int(value)
+        elif isinstance(value, float | np.floating):
+            out[item.name] = round(float(value), 6 if item.name == "p_value" else 4)
+        else:
+            out[item.name] = value
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,15 +52,7 @@ class ScoreInterval:
     method: str
 
     def as_dict(self) -> dict[str, object]:
-        """JSON-safe view; floats rounded to 4 decimals."""
-        return {
-            "n": int(self.n),
-            "mean": _r4(self.mean),
-            "stderr": _r4(self.stderr),
-            "low": _r4(self.low),
-            "high": _r4(self.high),
-            "method": self.method,
-        }
+        return _json_safe(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,15 +67,7 @@ class MeanInterval:
     method: str
 
     def as_dict(self) -> dict[str, object]:
-        """JSON-safe view; floats rounded to 4 decimals."""
-        return {
-            "n": int(self.n),
-            "mean": _r4(self.mean),
-            "sd": _r4(self.sd),
-            "low": _r4(self.low),
-            "high": _r4(self.high),
-            "method": self.method,
-        }
+        return _json_safe(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,21 +88,7 @@ class PairedComparison:
     significant: bool
 
     def as_dict(self) -> dict[str, object]:
-        """JSON-safe view; estimates rounded to 4 decimals, the p-value to 6 so small p-values stay distinguishable."""
-        return {
-            "n": int(self.n),
-            "candidate_mean": _r4(self.candidate_mean),
-            "baseline_mean": _r4(self.baseline_mean),
-            "difference": _r4(self.difference),
-            "low": _r4(self.low),
-            "high": _r4(self.high),
-            "p_value": round(float(self.p_value), 6),
-            "test": self.test,
-            "wins": int(self.wins),
-            "losses": int(self.losses),
-            "ties": int(self.ties),
-            "significant": bool(self.significant),
-        }
+        return _json_safe(self)
 
 
 def _as_array(values: Sequence[float], name: str) -> np.ndarray:

@@ -2,7 +2,7 @@
 // datasets and the builtin tasks, and a preview of any of them.
 
 import { ApiError, get, request, withQuery } from "./api.js";
-import { errorBox, fmtInt, fmtTime, h, isQuiet, replace, run, tableWrap } from "./dom.js";
+import { dataTable, errorBox, fmtInt, fmtTime, h, isQuiet, replace, run } from "./dom.js";
 
 const PREVIEW_EXAMPLES = 10;
 
@@ -21,19 +21,6 @@ function problems(error) {
         return h("li", {}, loc ? `${loc}: ` : "", d.msg || "");
       }),
     ),
-  );
-}
-
-function table(id, label, columns, rows) {
-  return tableWrap(
-    h(
-      "table",
-      { class: "data", id },
-      h("caption", { class: "visually-hidden" }, label),
-      h("thead", {}, h("tr", {}, columns.map((c) => h("th", { scope: "col" }, c)))),
-      h("tbody", {}, rows),
-    ),
-    label,
   );
 }
 
@@ -144,7 +131,7 @@ export async function datasetsView(main, { signal }) {
           )
         : null,
       h("h3", {}, `First ${Math.min(PREVIEW_EXAMPLES, dataset.n_examples)} examples`),
-      table(
+      dataTable(
         "preview-examples",
         "Examples",
         ["Input", "Target"],
@@ -172,7 +159,7 @@ export async function datasetsView(main, { signal }) {
     replace(
       uploadedSlot,
       page.items.length
-        ? table(
+        ? dataTable(
             "uploaded-datasets",
             "Uploaded datasets",
             ["Name", "Id", "Examples", "Created", ""],
@@ -197,7 +184,7 @@ export async function datasetsView(main, { signal }) {
     const page = await get(withQuery("/v1/datasets", { source: "builtin" }), { signal });
     replace(
       builtinSlot,
-      table(
+      dataTable(
         "builtin-datasets",
         "Builtin tasks",
         ["Task", "Examples", "Metric", "Labels", "Description", ""],

@@ -118,6 +118,20 @@ export function tableWrap(table, label) {
   return h("div", { class: "table-wrap", role: "region", "aria-label": label, tabindex: "0" }, table);
 }
 
+// A plain data table: a hidden caption for screen readers, column headers, the given rows.
+export function dataTable(id, label, columns, rows) {
+  return tableWrap(
+    h(
+      "table",
+      { class: "data", id },
+      h("caption", { class: "visually-hidden" }, label),
+      h("thead", {}, h("tr", {}, columns.map((c) => h("th", { scope: "col" }, c)))),
+      h("tbody", {}, rows),
+    ),
+    label,
+  );
+}
+
 export function progressBar(fraction, label) {
   const percent = Math.max(0, Math.min(100, (fraction || 0) * 100));
   return h(

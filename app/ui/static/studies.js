@@ -14,7 +14,7 @@ import {
   run,
   shortId,
   statusBadge,
-  tableWrap,
+  dataTable,
 } from "./dom.js";
 import { chart, extent, fitWidth, legend, point, s, seriesColor } from "./plot.js";
 
@@ -27,19 +27,6 @@ function runsByStatus(jobs) {
       .filter(([, n]) => n > 0)
       .map(([status, n]) => `${n} ${status}`)
       .join(", ") || "no runs"
-  );
-}
-
-function dataTable(id, label, columns, rows) {
-  return tableWrap(
-    h(
-      "table",
-      { class: "data", id },
-      h("caption", { class: "visually-hidden" }, label),
-      h("thead", {}, h("tr", {}, columns.map((c) => h("th", { scope: "col" }, c)))),
-      h("tbody", {}, rows),
-    ),
-    label,
   );
 }
 
