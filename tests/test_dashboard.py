@@ -125,7 +125,9 @@ async def test_every_page_loads_and_the_job_page_matches_the_api(settings, app_c
         await page.goto(f"{url}/#/jobs")
         await page.locator(f'tr[data-job-id="{job_id}"]').wait_for()
         # A job submitted meanwhile shows up without a reload (the list polls); the status filter finds it.
-        late_id = (await app_client.post("/v1/jobs", json=label_job(seed=3))).json()["id"]
+        # A prompt of its own: with answers cached by other tests it could finish before the cancel arrives.
+        late = label_job(seed=3, initial_prompt=f"Relate the sentences (late {uuid.uuid4()}).")
+        late_id = (await app_client.post("/v1/jobs", json=late)).json()["id"]
         await app_client.post(f"/v1/jobs/{late_id}/cancel")
         await wait_for_status(app_client, late_id, {"cancelled"})
         await page.locator(f'tr[data-job-id="{late_id}"]').wait_for()
