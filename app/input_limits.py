@@ -31,11 +31,17 @@ def check_job(payload, limits: InputLimits) -> None:
     task = payload.task
     check_chars(["task", "template"], task.template, limits.max_template_chars, "max_template_chars")
     check_chars(["initial_prompt"], payload.initial_prompt, limits.max_prompt_chars, "max_prompt_chars")
+    for index, candidate in enumerate(getattr(payload.params, "candidates", None) or ()):  # select's candidates
+        check_chars(["params", "candidates", index], candidate, limits.max_prompt_chars, "max_prompt_chars")
     check_count(["task", "labels"], task.labels, limits.max_labels, "max_labels")
     for index, label in enumerate(task.labels or ()):
         check_chars(["task", "labels", index], label, limits.max_label_chars, "max_label_chars")
     for label, words in (task.verbalizer or {}).items():
-        check_chars(["task", "verbalizer", label], words, limits.max_label_chars, "max_label_chars")
+        if isinstance(words, str):
+            check_chars(["task", "verbalizer", label], words, limits.max_label_chars, "max_label_chars")
+            continue
+        for index, word in enumerate(words):
+            check_chars(["task", "verbalizer", label, index], word, limits.max_label_chars, "max_label_chars")
 
 
 def check_predict_inputs(inputs: Sequence[str], limits: InputLimits) -> None:

@@ -144,7 +144,9 @@ def create_app(
             if embedded or settings.queue_backend == "inprocess"
             else SaqJobQueue(settings.redis_url, settings.queue)
         )
-        backends = registry or BackendRegistry(settings)
+        # The API runs no job, so it never reads embedding weights for soft prompts (HTTP backends defer the
+        # prompt_embeds check); embedded mode runs the worker in this process with this registry, so it probes.
+        backends = registry or BackendRegistry(settings, defer_prompt_embeds=worker is None)
         await backends.probe_all()
         counters = (
             MemoryWindowCounters()

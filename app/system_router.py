@@ -64,6 +64,7 @@ async def list_backends(services: ServicesDep) -> list[BackendRead]:
                 capabilities=sorted(c.value for c in info.capabilities),
                 max_concurrency=info.max_concurrency,
                 probe_error=registry.probe_error(name),
+                detail=info.detail,
                 reachable=await registry.reachable(name),
                 breaker=registry.breaker_state(name),
             )

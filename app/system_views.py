@@ -28,6 +28,11 @@ class BackendRead(BaseModel):
     capabilities: list[str]
     max_concurrency: int
     probe_error: str | None = None
+    detail: dict[str, Any] = Field(
+        default_factory=dict,
+        description="What this process's start-up probe found (HTTP backends: label_mode, max_logprobs, "
+        "prompts_per_request, and `prompt_embeds`: the soft-prompt verdict).",
+    )
     reachable: str = Field(
         description='A live health check from this process: "up", "down: <why>", or "n/a" (no cheap check).'
     )

@@ -1,6 +1,7 @@
 """Resident memory of a process that embeds prompts for `prompt_embeds` (BBT over HTTP), reading the served model's
-input embeddings two ways, side by side: the whole matrix as float32 (how the client did it before), and the tensor
-memory-mapped in the file's dtype with rows widened on demand (now). Each way runs in a fresh subprocess that opens
+input embeddings two ways, side by side: the whole matrix as float32 (how the client did it before), and rows read
+from the file in its dtype as prompts need them and widened to float32 (now; they were memory-mapped at first,
+which left whatever the kernel mapped around each row resident). Each way runs in a fresh subprocess that opens
 the weights, embeds 64 prompts of 200 tokens and computes the matrix's std (BBT's projection scale); reported: the
 process's peak and final RSS growth over its start.
 
@@ -18,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 PROBE = r"""
-import json, resource, sys
+import json, sys
 import numpy as np
 
 def status_mb(field):
@@ -49,7 +50,7 @@ rng = np.random.default_rng(0)
 vocab = matrix.shape[0]
 for _ in range(64):
     gather(rng.integers(0, vocab, 200))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+peak = status_mb("VmHWM")  # not ru_maxrss: after fork + exec that can be the parent's at the fork
 print(json.dumps({"start_mb": start, "start_anon_mb": start_anon, "peak_mb": peak, "final_mb": rss_mb(),
                   "anon_mb": status_mb("RssAnon"), "file_mb": status_mb("RssFile"), "std": std}))
 """
@@ -99,15 +100,15 @@ def main() -> None:
         print("| weights | way | private (anon) RSS growth MB | file-backed RSS MB (page cache) | peak RSS growth MB |")
         print("|---|---|---|---|---|")
         for label, path in files.items():
-            results = {way: measure(path, way) for way in ("whole", "mapped")}
+            results = {way: measure(path, way) for way in ("whole", "read")}
             for way, r in results.items():
-                name = "whole matrix as float32 (before)" if way == "whole" else "memory-mapped rows (now)"
+                name = "whole matrix as float32 (before)" if way == "whole" else "rows read on demand (now)"
                 private = r["anon_mb"] - r["start_anon_mb"]
                 print(f"| {label} | {name} | {private:.0f} | {r['file_mb']:.0f} | {r['peak_mb'] - r['start_mb']:.0f} |")
             ratio = (results["whole"]["anon_mb"] - results["whole"]["start_anon_mb"]) / max(
-                1.0, results["mapped"]["anon_mb"] - results["mapped"]["start_anon_mb"]
+                1.0, results["read"]["anon_mb"] - results["read"]["start_anon_mb"]
             )
-            print(f"| {label} | private growth, whole / mapped | {ratio:.0f}x | | |")
+            print(f"| {label} | private growth, whole / read | {ratio:.0f}x | | |")
 
 
 if __name__ == "__main__":

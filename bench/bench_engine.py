@@ -1,8 +1,7 @@
-"""Benchmarks of the evaluation engine and of the demo job (not tests; numbers go in notes).
+"""Benchmark of the evaluation engine's overhead (not a test; numbers go in notes). The demo job has its own:
+bench/bench_demo.py.
 
 python -m bench.bench_engine overhead      # engine CPU per evaluation, instant in-process backend
-python -m bench.bench_engine demo          # the demo job (OPRO, local model, embedded), end to end
-python -m bench.bench_engine all
 """
 
 from __future__ import annotations
@@ -119,38 +118,14 @@ def overhead(args) -> None:
             )
 
 
-def demo(args) -> None:
-    from bench.jobs import report, run_embedded_job
-    from promptopt.cli import DEMO_TEMPLATE, DEMO_WEAK_PROMPT, demo_job_body
-
-    body = demo_job_body(
-        dataset="builtin:dbpedia16",
-        template=DEMO_TEMPLATE,
-        initial_prompt=DEMO_WEAK_PROMPT,
-        steps=args.steps,
-        candidates=args.candidates,
-        subset=args.subset,
-        max_llm_calls=3000,
-    )
-    report(
-        "Demo job: OPRO on builtin:dbpedia16, local SmolLM2-135M on CPU, embedded", asyncio.run(run_embedded_job(body))
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("what", choices=["overhead", "demo", "all"])
+    parser.add_argument("what", choices=["overhead"])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=3, help="as `promptopt demo`")
-    parser.add_argument("--candidates", type=int, default=4)
-    parser.add_argument("--subset", type=int, default=28)
     parser.add_argument("--postgres-url", default=os.environ.get("PROMPTOPT_BENCH_PG"))
     args = parser.parse_args()
-    if args.what in ("overhead", "all"):
-        overhead(args)
-    if args.what in ("demo", "all"):
-        demo(args)
+    overhead(args)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,12 @@ def report(title: str, job: dict) -> None:
         dev, test = entry.get("dev_score"), entry.get("test_score")
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         print(f"{key:<8} dev {fmt(dev)}  test {fmt(test)}  {entry.get('prompt')!r}")
+    gain = (job["best"] or {}).get("test_gain")
+    if gain:
+        print(
+            f"test gain         {gain['difference']:+.3f} [{gain['low']:+.3f}, {gain['high']:+.3f}] "
+            f"p={gain['p_value']:.3g} ({gain['test']}, n={gain['n']}, {gain['wins']} wins / {gain['losses']} losses)"
+        )
 
 
 def main() -> None:

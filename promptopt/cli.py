@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from app.settings import Settings
@@ -136,6 +136,18 @@ def show_result(job, wall_seconds: float | None = None) -> None:
         else:
             table.add_row(label, str(entry.prompt), _fmt(entry.dev_score), _fmt(entry.test_score), _interval(entry))
     console.print(table)
+    gain = job.best.test_gain if job.best is not None else None
+    if gain is not None:
+        verdict = (
+            "the gain is unlikely to be noise"
+            if gain.p_value < 0.05 and gain.difference > 0
+            else "not distinguishable from noise at this test size"
+        )
+        console.print(
+            f"held-out gain of the best prompt over the initial: [bold]{gain.difference:+.3f}[/bold] "
+            f"(95% interval {gain.low:+.3f} to {gain.high:+.3f}; p = {gain.p_value:.2g}, {gain.test}; "
+            f"{gain.wins} examples won, {gain.losses} lost, of {gain.n}): {verdict}"
+        )
     usage = job.usage
     summary = Table(show_header=False)
     summary.add_row("LLM calls", str(usage.llm_calls))
@@ -149,85 +161,126 @@ def show_result(job, wall_seconds: float | None = None) -> None:
         console.print(f"[red]error:[/red] {job.error}")
 
 
+def phase_text(progress) -> str:
+    """What a job is doing, e.g. `step 2/3 (41/~80 answers)`."""
+    if progress.phase == "initial":
+        what = "scoring the initial prompt"
+    elif progress.phase == "search":
+        what = f"step {progress.phase_step}/{progress.total_steps}"
+    elif progress.phase == "test":
+        what = "scoring on test"
+    else:
+        return progress.phase
+    if progress.phase_total:
+        approx = "~" if progress.phase == "search" else ""
+        what += f" ({progress.phase_done}/{approx}{progress.phase_total} answers)"
+    return what
+
+
 def progress_line(job) -> str:
-    line = f"job {job.id}: {job.status} step {job.progress.step}/{job.progress.total_steps}"
-    line += f", {job.usage.llm_calls} LLM calls"
+    """One line per change of state, phase or step (not per answer)."""
+    progress = job.progress
+    where = phase_text(progress) if job.status == "running" else f"step {progress.step}/{progress.total_steps}"
+    line = f"job {job.id}: {job.status}, {where.split(' (')[0]}, {job.usage.llm_calls} LLM calls"
     if job.best is not None and job.best.dev_score is not None:
         line += f", best dev {job.best.dev_score:.3f}"
     return line
 
 
 async def follow(client: AsyncClient, job_id: str, poll_s: float = 0.5):
-    """Poll a job until it ends: a progress bar on a terminal, a line per change otherwise."""
+    """Poll a job until it ends: a progress bar on a terminal (every phase: initial scoring, each step, test
+    scoring), a line per change otherwise."""
     if not console.is_terminal:
         last = None
         while True:
             job = await client.get_job(job_id)
-            line = progress_line(job)
-            if line != last:
-                print(line, flush=True)
-                last = line
+            key = (job.status, job.progress.phase, job.progress.phase_step, job.progress.step)
+            if key != last:
+                print(progress_line(job), flush=True)
+                last = key
             if job.status in TERMINAL:
                 return job
             await asyncio.sleep(poll_s)
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        MofNCompleteColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
         TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=console) as progress:
-        bar = progress.add_task("optimizing", total=None, info="queued")
+        bar = progress.add_task("queued", total=1.0, info="")
         while True:
             job = await client.get_job(job_id)
-            info = f"{job.status}  calls {job.usage.llm_calls}  hits {job.usage.cache_hits}"
+            info = f"calls {job.usage.llm_calls}  hits {job.usage.cache_hits}"
             if job.best is not None and job.best.dev_score is not None:
                 info += f"  best dev {job.best.dev_score:.3f}"
-            progress.update(bar, total=job.progress.total_steps, completed=job.progress.step, info=info)
+            description = phase_text(job.progress) if job.status == "running" else job.status
+            progress.update(bar, completed=job.progress.fraction, description=description, info=info)
             if job.status in TERMINAL:
                 return job
             await asyncio.sleep(poll_s)
 
 
+# Each method's demo parameters, sized so the job ends in minutes on 2 CPU cores with the local model.
+DEMO_PARAMS: dict[str, dict] = {
+    "opro": {"preset": "small", "steps": 3, "candidates_per_step": 4, "train_subset": 28},
+    "plum": {"preset": "small", "train_subset": 28},
+    "claps": {"preset": "small", "train_subset": 16, "n_clusters": 64, "prompt_length": 3, "percentile": 85},
+}
+DEMO_METHOD = "opro"
+# A quarter for the search's scoring, a quarter for dev selection, half for the held-out test: the test set is the
+# largest split so the gain's interval is narrow enough to mean something.
+DEMO_SPLIT = {"train": 0.25, "dev": 0.25, "test": 0.5}
+
+
 def demo_job_body(
     *,
-    dataset: str,
-    template: str,
-    initial_prompt: str,
-    steps: int,
-    candidates: int,
-    subset: int | None,
-    max_llm_calls: int,
+    method: str = DEMO_METHOD,
+    dataset: str = "builtin:dbpedia16",
+    template: str = DEMO_TEMPLATE,
+    initial_prompt: str = DEMO_WEAK_PROMPT,
+    max_llm_calls: int = 3000,
+    seed: int = 0,
+    backend: str | None = None,
 ) -> dict:
-    """The demo job, shared with `bench/bench_engine.py demo` so the benchmark measures exactly this."""
-    params: dict = {"preset": "small", "steps": steps, "candidates_per_step": candidates}
-    if subset:
-        params["train_subset"] = subset
-    return {
-        "method": "opro",
-        "task": {"dataset": dataset, "template": template},
+    """The demo job, shared with `bench/bench_demo.py` so the benchmark measures exactly this."""
+    body = {
+        "method": method,
+        "task": {"dataset": dataset, "template": template, "split": DEMO_SPLIT},
         "initial_prompt": initial_prompt,
-        "params": params,
+        "params": DEMO_PARAMS[method],
         "budget": {"max_llm_calls": max_llm_calls},
-        "seed": 0,
+        "seed": seed,
     }
+    if backend is not None:
+        body["backends"] = {"scorer": backend, "optimizer": backend}
+    return body
 
 
 @cli.command()
 def demo(
-    steps: int = typer.Option(3, help="OPRO steps."),
-    candidates: int = typer.Option(4, help="Candidates per step."),
-    subset: int = typer.Option(28, help="Score candidates on this many training examples (0: all)."),
+    method: str = typer.Option(DEMO_METHOD, help=f"One of {', '.join(DEMO_PARAMS)}."),
+    backend: str = typer.Option(
+        None, help="An OpenAI-compatible server's base URL (e.g. vLLM: http://HOST:8000/v1) instead of the local model."
+    ),
+    model: str = typer.Option(None, help="The served model's name, with --backend."),
     max_llm_calls: int = typer.Option(3000, help="Hard budget."),
     dataset: str = typer.Option("builtin:dbpedia16"),
     template: str = typer.Option(DEMO_TEMPLATE),
     initial_prompt: str = typer.Option(DEMO_WEAK_PROMPT, help="Deliberately weak starting instruction."),
+    seed: int = typer.Option(0),
 ) -> None:
-    """Run OPRO on a bundled task with the local CPU model, embedded (no Postgres/Redis needed)."""
+    """Optimize a prompt on a bundled task, embedded (no Postgres/Redis needed): the local CPU model by default."""
+    from app.settings import BackendSettings
     from workers.embedded import embedded_settings
 
+    if method not in DEMO_PARAMS:
+        raise fail(f"--method must be one of {', '.join(DEMO_PARAMS)}")
     settings = Settings()
+    if backend is not None:
+        served = BackendSettings(kind="openai_compat", base_url=backend, model=model)
+        settings = settings.model_copy(update={"backends": {**settings.backends, "server": served}})
     data_dir = settings.data_dir / "demo"
     data_dir.mkdir(parents=True, exist_ok=True)
     database = data_dir / "demo.db"
@@ -236,31 +289,51 @@ def demo(
     settings = embedded_settings(settings, database)
     logging.basicConfig(level=logging.WARNING)
     body = demo_job_body(
+        method=method,
         dataset=dataset,
         template=template,
         initial_prompt=initial_prompt,
-        steps=steps,
-        candidates=candidates,
-        subset=subset,
         max_llm_calls=max_llm_calls,
+        seed=seed,
+        backend="server" if backend is not None else None,
     )
-    asyncio.run(_run_demo(settings, body))
+    model_text = (
+        f"the model served at {backend}"
+        if backend
+        else "the default model, SmolLM2-135M on this CPU: small on purpose so the demo runs anywhere; point it at a "
+        "real server with --backend http://HOST:8000/v1 --model NAME"
+    )
+    asyncio.run(_run_demo(settings, body, model_text))
 
 
-async def _run_demo(settings: Settings, body: dict) -> None:
+async def _run_demo(settings: Settings, body: dict, model_text: str) -> None:
     from workers.embedded import create_embedded_app
 
     app = create_embedded_app(settings)
-    console.print(f"[bold]promptopt demo[/bold]: OPRO on {body['task']['dataset']} with the local model")
+    console.print(f"[bold]promptopt demo[/bold]: {body['method']} on {body['task']['dataset']} with {model_text}.")
     console.print(f"starting from: [italic]{body['initial_prompt']}[/italic]")
     async with app.router.lifespan_context(app):
         async with api("http://demo", None, transport=httpx.ASGITransport(app=app), timeout=60) as client:
             started = time.monotonic()
             job = await client.submit_job(body)
             job = await follow(client, job.id)
-            show_result(job, time.monotonic() - started)
+            wall = time.monotonic() - started
+            top = await client.candidates(job.id, order="score", limit=5)
+    show_top_candidates(top.items)
+    show_result(job, wall)
     if job.status != "succeeded":
         raise typer.Exit(1)
+
+
+def show_top_candidates(candidates) -> None:
+    table = Table(title="top candidates (by score on the search's training examples)")
+    table.add_column("step", justify="right")
+    table.add_column("prompt", max_width=70)
+    table.add_column("train", justify="right")
+    table.add_column("dev", justify="right")
+    for candidate in candidates:
+        table.add_row(str(candidate.step), repr(candidate.prompt), _fmt(candidate.score), _fmt(candidate.dev_score))
+    console.print(table)
 
 
 @cli.command()

@@ -28,9 +28,10 @@ Model = TypeVar("Model", bound=BaseModel)
 
 @dataclass(slots=True)
 class JobEvent:
-    """One Server-Sent Event of a job: `state`, `step`, `warning`, `cancel_requested`, ..."""
+    """One Server-Sent Event of a job: `state`, `step`, `warning`, `cancel_requested`, ..., and `progress` (the
+    running phase's progress, as the job's `progress` shows it; not stored, so it has no id)."""
 
-    id: int
+    id: int | None
     event: str
     data: dict[str, Any] = field(default_factory=dict)
 
@@ -166,7 +167,8 @@ class AsyncClient:
                         self._decode(response)
                     async for event in _parse_sse(response.aiter_lines()):
                         failures = 0
-                        last_event_id = event.id
+                        if event.id is not None:
+                            last_event_id = event.id
                         yield event
                 return  # the server ends the stream once the job has ended and every event is sent
             except (httpx.TransportError, httpx.StreamError) as exc:
@@ -234,8 +236,10 @@ async def _parse_sse(lines: AsyncIterator[str]) -> AsyncIterator[JobEvent]:
     event_id, kind, data = None, "message", []
     async for line in lines:
         if not line:
-            if data and event_id is not None:
-                yield JobEvent(id=int(event_id), event=kind, data=json.loads("\n".join(data)))
+            if data:
+                yield JobEvent(
+                    id=None if event_id is None else int(event_id), event=kind, data=json.loads("\n".join(data))
+                )
             event_id, kind, data = None, "message", []
         elif line.startswith(":"):
             continue  # keep-alive comment

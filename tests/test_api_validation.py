@@ -97,6 +97,20 @@ async def test_verbalizer_keys_must_be_labels(app_client):
     assert "body.task" in locs(response)
 
 
+async def test_verbalizer_words_may_be_lists(app_client):
+    labels = ["entailment", "neutral", "contradiction"]
+    task = {"dataset": "builtin:snli16", "labels": labels, "verbalizer": {"entailment": [" Yes", " True"]}}
+    response = await app_client.post("/v1/jobs", json=label_job(task=task))
+    assert response.status_code == 202, response.text
+    stored = (await app_client.get(f"/v1/jobs/{response.json()['id']}")).json()["spec"]["task"]["verbalizer"]
+    assert stored == {"entailment": [" Yes", " True"]}
+    for empty in ([], [" w"] * 65):
+        task["verbalizer"] = {"entailment": empty}
+        response = await app_client.post("/v1/jobs", json=label_job(task=task))
+        assert response.status_code == 422
+        assert any(loc.startswith("body.task.verbalizer.entailment") for loc in locs(response)), locs(response)
+
+
 async def test_capability_refusal_names_capability_and_backends(app_client, monkeypatch):
     from app.llm.port import Capability
     from app.optimizers.opro import Opro
@@ -179,7 +193,8 @@ async def test_methods_and_backends(app_client):
     # expected calls per preset for the asked split sizes: OPRO small = S + N*c*S + N*c + (N+1)*D, plus 2 x test
     assert set(opro["expected_calls"]) == {"default", "paper", "small"}
     assert opro["expected_calls"]["small"] == 112 + 4 * 4 * 112 + 4 * 4 + 5 * 56 + 2 * 56
-    searching = [m for m in methods if m["name"] != "evaluate"]  # evaluate has no presets: nothing to size
+    # evaluate and select do not search (no paper/small presets to size)
+    searching = [m for m in methods if m["name"] not in ("evaluate", "select")]
     assert all(m["expected_calls"]["paper"] > m["expected_calls"]["small"] for m in searching)
     bigger = (await app_client.get("/v1/methods?n_train=500&n_dev=100&n_test=100")).json()
     assert next(m for m in bigger if m["name"] == "opro")["expected_calls"]["small"] > opro["expected_calls"]["small"]

@@ -454,7 +454,13 @@ async def test_apo_job_runs_to_success(app_client, worker, fake_llm):
     job = await wait_for_status(app_client, response.json()["id"], {"succeeded", "failed"})
     assert job["status"] == "succeeded", job
     assert job["method"] == "apo"
-    assert job["progress"] == {"step": 1, "total_steps": 1, "fraction": 1.0}
+    progress = job["progress"]
+    assert (progress["step"], progress["total_steps"], progress["fraction"], progress["phase"]) == (
+        1,
+        1,
+        1.0,
+        "finished",
+    )
     for key in ("initial", "best"):
         assert job[key]["dev_score"] is not None and job[key]["test_score"] is not None
     assert job["best"]["dev_score"] >= job["initial"]["dev_score"]

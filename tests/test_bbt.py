@@ -643,7 +643,7 @@ async def test_methods_lists_bbt_params(app_client):
         wanted = {"prompt_length", "intrinsic_dim", "popsize", "budget", "sigma", "alpha", "loss", "budget2"}
         assert wanted <= set(properties)
         assert properties["intrinsic_dim"]["default"] == 500 and properties["popsize"]["default"] == 20
-        assert set(methods[name]["presets"]) == {"paper", "small"}
+        assert set(methods[name]["presets"]) == {"paper", "small", "bbt_rgb"}
         assert methods[name]["description"] != name
     assert "deep_prompt" in methods["bbtv2"]["scorer_needs"]
     assert "input_embeddings" in methods["bbt"]["scorer_needs"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 
 import httpx
 import numpy as np
@@ -15,6 +16,8 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
+from app.errors import InvalidPayload
+from app.evaluation.task import Example, Task
 from app.jobs.engine import task_from_spec
 from app.llm.local import LocalBackend
 from app.llm.openai_compat import OpenAICompatBackend
@@ -23,6 +26,7 @@ from app.llm.registry import BackendRegistry
 from app.main import create_app
 from app.settings import BackendSettings
 from tests.conftest import running_worker, wait_for_status
+from tests.conftest import served as api_on_a_port
 from tests.fakes.fake_vllm import FakeVLLMServer
 from tests.fakes.served_model import SERVED_MODEL, ServedModel
 
@@ -49,9 +53,12 @@ def served(local_model):
         yield server, responder
 
 
+def http_options(server: FakeVLLMServer) -> dict:
+    return {"kind": "openai_compat", "base_url": server.base_url, "max_concurrency": 8}
+
+
 def http_backend(server: FakeVLLMServer, **overrides) -> OpenAICompatBackend:
-    options = {"kind": "openai_compat", "base_url": server.base_url, "max_concurrency": 8, **overrides}
-    return OpenAICompatBackend("served", BackendSettings(**options))
+    return OpenAICompatBackend("served", BackendSettings(**{**http_options(server), **overrides}))
 
 
 async def test_probe_finds_prompt_embeds_only_with_the_served_weights(served, tmp_path):
@@ -155,17 +162,21 @@ async def test_deep_prefix_is_refused_over_http(served):
 
 @pytest.fixture
 async def http_client(settings, served):
-    """API + SAQ worker with backend `served`: openai_compat over the fake server with the real model."""
+    """API + SAQ worker with backend `served`: openai_compat over the fake server with the real model. Each has its
+    own registry, as separate processes would: the API's defers the prompt_embeds check, the worker's probes."""
     server, responder = served
     settings.backends["served"] = BackendSettings(
         kind="openai_compat", base_url=server.base_url, max_concurrency=8, embedding_weights=str(responder.weights_dir)
     )
-    registry = BackendRegistry(settings)
-    app = create_app(settings, registry=registry)
-    async with running_worker(settings, registry), app.router.lifespan_context(app):
+    app = create_app(settings)
+    async with running_worker(settings), app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
             yield client
-    await registry.aclose()
+
+
+async def served_verdict(client: httpx.AsyncClient) -> str:
+    backends = {b["name"]: b for b in (await client.get("/v1/backends")).json()}
+    return backends["served"]["detail"]["prompt_embeds"]
 
 
 async def test_bbt_job_over_http_and_predict_reproduces_dev(http_client, served):
@@ -201,8 +212,10 @@ async def test_bbt_job_over_http_and_predict_reproduces_dev(http_client, served)
     spec = (await client.get(f"/v1/jobs/{job['id']}")).json()["spec"]
     dataset = (await client.get("/v1/datasets/builtin:snli16?examples_limit=1000")).json()
     dev = task_from_spec(spec["task"], dataset["examples"]).split_examples("dev")
+    assert (await served_verdict(client)).startswith("not probed in the API")  # the worker ran the job
     predicted = await client.post(f"/v1/jobs/{job['id']}/predict", json={"inputs": [ex.input for ex in dev]})
     assert predicted.status_code == 200, predicted.text
+    assert await served_verdict(client) == "ok"  # checked before the API's first soft prompt
     outputs = [p["output"] for p in predicted.json()["predictions"]]
     assert sum(o == ex.target for o, ex in zip(outputs, dev, strict=True)) / len(dev) == pytest.approx(
         job["best"]["dev_score"]
@@ -225,6 +238,133 @@ async def test_bbt_refused_on_http_backend_without_prompt_embeds(app_client):
     detail = response.json()["error"]["details"][0]
     assert detail["loc"][-2:] == ["backends", "scorer"] and "input_embeddings" in detail["msg"]
     assert "local" in detail["allowed"]
+
+
+async def test_the_api_never_opens_the_embedding_weights(settings, fake_llm, tmp_path):
+    """The API process validates and queues soft-prompt jobs without reading the served model's embedding weights:
+    not at start-up (its probe grants `input_embeddings` on the configuration), not for the backends list, the
+    readiness check, a submission or an estimate. Workers read them; the API only for a soft-prompt `predict`."""
+    from app.llm.embedding_weights import open_input_embeddings
+    from bench.bench_process_memory import FileOpens
+    from bench.sim_server import write_embedding_weights
+
+    weights = tmp_path / "embed.safetensors"
+    write_embedding_weights(str(weights), 64)
+    settings.backends["soft"] = BackendSettings(
+        kind="openai_compat", base_url=fake_llm.base_url, embedding_weights=str(weights)
+    )
+    opens = FileOpens(weights)
+    try:
+        async with api_on_a_port(settings) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+            backends = {b["name"]: b for b in (await client.get("/v1/backends")).json()}
+            assert opens.count() == 0, f"the API opened {weights} at start-up"
+            assert "input_embeddings" in backends["soft"]["capabilities"], backends["soft"]
+            assert backends["soft"]["detail"]["prompt_embeds"].startswith("not probed in the API")
+            assert "input_embeddings" not in backends["default"]["capabilities"]  # no weights configured
+            assert (await client.get("/readyz")).status_code == 200
+            body = {
+                "method": "bbt",
+                "task": {"dataset": "builtin:snli16"},
+                "backends": {"scorer": "soft", "optimizer": "soft"},
+                "params": {"preset": "small"},
+            }
+            assert (await client.post("/v1/jobs/estimate", json=body)).status_code == 200
+            submitted = await client.post("/v1/jobs", json=body)
+            assert submitted.status_code == 202, submitted.text
+            job = (await client.get(f"/v1/jobs/{submitted.json()['id']}")).json()
+            assert job["status"] == "queued"
+            predicted = await client.post(f"/v1/jobs/{job['id']}/predict", json={"inputs": ["x"]})
+            assert predicted.status_code == 422  # no prompt yet: nothing to apply
+        assert opens.count() == 0, f"the API opened {weights} {opens.count()} times"
+        assert open_input_embeddings(weights)[[0]].shape == (1, 64)
+        assert opens.count() > 0  # and the watch does see an open
+    finally:
+        opens.close()
+
+
+async def test_the_deferred_prompt_embeds_check_runs_before_the_first_soft_prompt(served, settings, tmp_path):
+    """Where the API defers it, the check runs before the first soft prompt the API sends (a soft-prompt
+    predict): the served weights pass it; weights that are not the served model's are a 422 naming why."""
+    server, responder = served
+    prefix = ContinuousPrefix.of(PrefixKind.INPUT, np.zeros((2, 576)))
+    request = LabelScoreRequest("Is the sky blue? Answer:", (" yes", " no"), prefix)
+    options = BackendSettings(**http_options(server), embedding_weights=str(responder.weights_dir))
+    async with OpenAICompatBackend("served", options, defer_prompt_embeds=True) as backend:
+        assert Capability.INPUT_EMBEDDINGS in backend.info.capabilities
+        assert backend.info.detail["prompt_embeds"].startswith("not probed in the API")
+        assert backend._embedder.matrix is None  # nothing read yet
+        await backend.label_logprobs([request])
+        assert backend.info.detail["prompt_embeds"] == "ok" and backend.info.geometry["hidden_size"] == 576
+
+    from app.evaluation.evaluator import SoftPrompt
+    from app.jobs.service import PredictionPrompt, predict
+
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"model.embed_tokens.weight": np.full((49152, 576), 0.01, dtype=np.float32)}, str(wrong))
+    settings.backends["served"] = BackendSettings(**http_options(server), embedding_weights=str(wrong))
+    registry = BackendRegistry(settings, defer_prompt_embeds=True)
+    await registry.probe_all()
+    try:
+        assert Capability.INPUT_EMBEDDINGS in registry.capabilities("served")
+        task = Task(examples=[], template="{prompt}\n{input}", metric="label_accuracy", labels=["yes", "no"])
+        prompt = PredictionPrompt(SoftPrompt("soft", "Answer.", prefix), task, {"model_id": SERVED_MODEL})
+        with pytest.raises(InvalidPayload, match="do not look like the served model"):
+            await predict(registry, prompt, "served", ["Is the sky blue?"])
+        assert Capability.INPUT_EMBEDDINGS not in registry.capabilities("served")
+    finally:
+        await registry.aclose()
+
+
+async def test_bbt_predictions_over_http_are_the_same_with_rows_read_on_demand_and_the_whole_matrix(served):
+    """Rows read from the file as prompts need them (now) against the whole matrix read into memory as float32
+    (before): the same embedding std, the same tensors sent as prompt_embeds, the same scores and predictions."""
+    from safetensors import safe_open
+
+    from app.datasets.builtin import BUILTIN_TASKS
+    from app.evaluation.evaluator import Evaluator
+    from app.llm.metered import MeteredLLM
+    from app.optimizers.bbt.projection import soft_prompt_from_artifact
+    from app.usage import Budget, Usage
+
+    server, responder = served
+    weights = str(responder.weights_dir)
+    with safe_open(str(responder.weights_dir / "model.safetensors"), framework="pt") as handle:
+        whole = np.ascontiguousarray(handle.get_tensor("model.embed_tokens.weight").float().numpy())
+    spec = BUILTIN_TASKS["snli16"]
+    examples = [Example(ex["input"], ex["target"]) for ex in spec.examples()[:6]]
+    task = Task(examples=examples, template=spec.template, metric=spec.metric, labels=spec.labels,
+                verbalizer=spec.verbalizer)  # fmt: skip
+    instruction = "Does the premise entail the hypothesis?"
+
+    def decoded(embeds: str | list[str]) -> list[list]:  # torch.save's bytes name the storage by its address
+        items = embeds if isinstance(embeds, list) else [embeds]
+        return [torch.load(io.BytesIO(base64.b64decode(item)), weights_only=True).tolist() for item in items]
+
+    outcomes = []
+    for way in ("read", "whole"):
+        async with http_backend(server, embedding_weights=weights) as backend:
+            if way == "whole":
+                backend._embedder.matrix = whole  # what the client held before: (vocab, hidden) float32
+            std = await backend.embedding_std()
+            prompts = []
+            for insertion, seed in (("add", 1), ("prepend", 2)):
+                z = np.random.default_rng(seed).normal(0, 1, 4).tolist()
+                artifact = {"version": 2, "method": "bbt", "model_id": SERVED_MODEL, "geometry": {"hidden_size": 576},
+                            "projection_seed": seed, "prompt_length": 3, "intrinsic_dim": 4, "alpha": 1.0,
+                            "sigma": 1.0, "insertion": insertion, "placeholder": "instruction", "text": instruction,
+                            "std": 0.02, "z": z}  # fmt: skip
+                prompts.append(soft_prompt_from_artifact(artifact))
+            server.reset()
+            evaluator = Evaluator(task, MeteredLLM(backend, usage=Usage(), budget=Budget(), store=None))
+            predictions = await evaluator.predict(prompts, examples)
+            sent = [decoded(r.body["prompt_embeds"]) for r in server.requests("completions")]
+            scores = await backend.label_logprobs(evaluator._label_requests(prompts, examples))
+        outcomes.append((std, predictions, sent, [s.logprobs for s in scores]))
+    (std_read, *read), (std_whole, *whole_matrix) = outcomes
+    assert std_read == pytest.approx(std_whole, rel=1e-6)
+    assert read == whole_matrix
+    predictions, sent, _ = read
+    assert sent and all(label in spec.labels for row in predictions for label in row)
 
 
 def test_embedding_weights_are_found_in_a_file_a_directory_and_a_hub_cache_entry(tmp_path):
@@ -263,10 +403,31 @@ def test_embedding_rows_are_read_in_the_files_dtype_and_widened_on_demand(tmp_pa
     save_torch({"model.embed_tokens.weight": weights, "other": torch.zeros(3)}, str(tmp_path / "m.safetensors"))
     rows = open_input_embeddings(tmp_path / "m.safetensors")
     expected = weights.float().numpy()
-    assert rows.shape == (300, 16) and isinstance(rows._stored, np.memmap)  # mapped, not read into memory
+    assert rows.shape == (300, 16)
     assert np.array_equal(rows[[5, 0, 299, 5]], expected[[5, 0, 299, 5]])
     assert rows[[1]].dtype == np.float32
     assert rows.std() == pytest.approx(float(expected.std()), rel=1e-6)
+
+
+def test_embedding_rows_leave_the_process_holding_only_the_rows_it_copied(tmp_path):
+    """Rows are read, not mapped: a mapped row makes the kernel map the pages around it too (a 2 MB folio on some
+    filesystems), so scattered token ids, or BBT's std scan over the whole matrix, left most of it resident in the
+    process. Read, none of the file is resident in it, whatever was gathered."""
+    from app.llm.embedding_weights import open_input_embeddings
+    from bench.bench_process_memory import resident_of
+
+    path = tmp_path / "m.safetensors"
+    matrix = np.random.default_rng(0).normal(0, 0.02, (8192, 512)).astype(np.float32)  # 16 MB, 2 kB a row
+    save_file({"model.embed_tokens.weight": matrix}, str(path))
+    rows = open_input_embeddings(path)
+    assert rows.std() == pytest.approx(float(matrix.std()), rel=1e-6)
+    ids = np.random.default_rng(1).integers(0, 8192, 2000)
+    nested = [[3, 3], [8191, -1]]
+    assert np.array_equal(rows[ids], matrix[ids]) and np.array_equal(rows[nested], matrix[nested])
+    assert rows[[]].shape == (0, 512)
+    assert resident_of(os.getpid(), path) == (False, 0)  # never mapped
+    with pytest.raises(IndexError):
+        rows[[8192]]
 
 
 def test_soft_prompt_goes_after_a_bos_and_first_otherwise():

@@ -60,7 +60,7 @@ async def test_commands_on_a_job(settings, worker, tmp_path):
         assert code == 0
         lines = out.splitlines()
         assert lines[0].startswith(f"job {job_id}: ")  # plain progress lines off a terminal
-        assert any("succeeded step" in line for line in lines)
+        assert any("succeeded, step 2/2" in line for line in lines), lines
 
         code, out, _ = await run_cli(url, "best", job_id)
         shown = json.loads((await run_cli(url, "show", job_id, "--json"))[1])
@@ -102,3 +102,17 @@ async def test_migrate_creates_a_missing_database():
         conn = await asyncpg.connect(PG_ADMIN)
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await conn.close()
+
+
+async def test_every_demo_job_is_valid_and_fits_its_budget(settings):
+    """`promptopt demo --method M` submits `demo_job_body(method=M)`: each must pass validation, score on the
+    largest split, and be expected to finish within its own budget (no stop on the budget before the test)."""
+    from promptopt.cli import DEMO_PARAMS, demo_job_body
+    from promptopt_client import AsyncClient
+
+    async with served(settings) as url, AsyncClient(url) as client:
+        for method in DEMO_PARAMS:
+            body = demo_job_body(method=method, backend="local")
+            estimate = await client.estimate_job(body)
+            assert estimate.split["test"] > max(estimate.split["train"], estimate.split["dev"]), (method, estimate)
+            assert estimate.expected_llm_calls <= body["budget"]["max_llm_calls"], (method, estimate)

@@ -239,6 +239,13 @@ async def test_a_step_event_adds_points_without_a_reload(settings, app_client, w
         before = await point_count(page)
         assert before == len(await all_candidates(app_client, job_id))
         await page.evaluate("window.__same_document = true")  # gone if the page reloads
+        # The held step shows as the phase in progress (from the stream's progress events), with its answers.
+        phase = page.locator("#phase-text", has_text="step 1 of 2 · ")
+        try:
+            await phase.wait_for(timeout=10_000)
+        except Exception:
+            raise AssertionError(await page.locator("#phase-text").text_content()) from None
+        assert "answers" in await phase.text_content()
 
         fake_llm.release()
         await wait_for_status(app_client, job_id, {"succeeded"})

@@ -32,6 +32,40 @@ async def test_opro_job_with_local_model(app_client, worker):
     assert predicted.json()["predictions"][0]["output"] in {"entailment", "neutral", "contradiction"}
 
 
+async def test_select_job_with_local_model(app_client, worker):
+    """Label-free selection among three prompts on six train inputs, calibrated by CBM for the choice and for
+    predictions; the choice is scored on dev and test like any job's best."""
+    candidates = ["Answer Yes, Maybe or No.", "Does the first sentence imply the second?"]
+    body = label_job(
+        method="select",
+        backends={"scorer": "local", "optimizer": "local"},
+        task={"dataset": "builtin:snli16", "split": {"train": 0.5, "dev": 0.1, "test": 0.1}, "calibration": "cbm"},
+        budget={"max_llm_calls": 200},
+    )
+    body["params"] = {"candidates": candidates, "criterion": "mi", "calibration": "cbm", "unlabeled_subset": 6}
+    response = await app_client.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    job = await wait_for_status(app_client, response.json()["id"], {"succeeded", "failed"}, wait_s=300)
+    assert job["status"] == "succeeded" and job["stop_reason"] == "completed", job
+    assert job["spec"]["task"]["calibration"] == "cbm"
+    # 3 prompts x 6 train inputs, at most two dev scorings of 6 and two test scorings of 6
+    assert 0 < job["usage"]["llm_calls"] <= 3 * 6 + 2 * 6 + 2 * 6
+    candidates_out = (await app_client.get(f"/v1/jobs/{job['id']}/candidates?order=step")).json()["items"]
+    assert len(candidates_out) == 3
+    (chosen,) = [c for c in candidates_out if c["details"]["selected"]]
+    assert chosen["prompt"] == job["best"]["prompt"] and "mi" in chosen["details"]["chosen_by"]
+    assert all(
+        set(c["details"]["criteria"]) == {"mi", "ge", "mdl", "le", "zlp", "zpm", "zmv", "ppl"} for c in candidates_out
+    )
+    assert 0.0 <= job["best"]["test_score"] <= 1.0
+
+    predicted = await app_client.post(
+        f"/v1/jobs/{job['id']}/predict", json={"inputs": ["Premise: A dog runs.\nHypothesis: An animal moves."]}
+    )
+    assert predicted.status_code == 200, predicted.text
+    assert predicted.json()["predictions"][0]["output"] in {"entailment", "neutral", "contradiction"}
+
+
 async def test_apo_job_with_local_model(app_client, worker):
     body = label_job(backends={"scorer": "local", "optimizer": "local"}, method="apo", budget={"max_llm_calls": 300})
     body["params"] = {

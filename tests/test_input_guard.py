@@ -136,6 +136,11 @@ async def tight_client(settings):
             ["body", "task", "verbalizer", "a"],
             "max_label_chars",
         ),
+        (
+            {"task": {"labels": ["a", "b"], "verbalizer": {"a": [" a", "z" * 21]}}},
+            ["body", "task", "verbalizer", "a", "1"],
+            "max_label_chars",
+        ),
     ],
 )
 async def test_job_strings_and_lists_are_bounded_by_settings(tight_client, patch, loc, setting):

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 
+import pytest
 import sqlalchemy as sa
 
 from app.jobs.models import Job
@@ -22,7 +24,15 @@ async def test_submit_runs_to_success(app_client, worker, fake_llm):
     job = await wait_for_status(app_client, response.json()["id"], {"succeeded", "failed"})
     assert job["status"] == "succeeded", job
     assert job["stop_reason"] == "completed"
-    assert job["progress"] == {"step": 2, "total_steps": 2, "fraction": 1.0}
+    assert job["progress"] == {
+        "step": 2,
+        "total_steps": 2,
+        "fraction": 1.0,
+        "phase": "finished",
+        "phase_step": None,
+        "phase_done": None,
+        "phase_total": None,
+    }
     assert job["attempts"] == 1
     for key in ("initial", "best"):
         assert job[key]["dev_score"] is not None and job[key]["test_score"] is not None
@@ -71,6 +81,68 @@ async def test_events_stream_resumes_with_last_event_id(app_client, worker):
     assert events[-1][2]["status"] == "succeeded"
     resumed = await read_events({"Last-Event-ID": str(events[2][0])})
     assert resumed == events[3:]
+
+
+async def test_progress_covers_every_phase_and_logs_each_step(app_client, worker, fake_llm, caplog):
+    """The initial scoring, each step and the final test scoring show as phases with answers done of expected, in
+    the job's progress and as SSE `progress` events; the worker logs each step and the end once."""
+    caplog.set_level(logging.INFO, logger="workers.runner")
+    # Every phase lasts longer than the event stream's poll (0.5 s), the shortest (test) one round of requests.
+    fake_llm.latency_s = 0.8
+    # A prompt and split of its own: answers cached by other tests would make phases instant.
+    body = label_job(
+        task={"split": {"seed": 202}},
+        params={"train_subset": 16},
+        initial_prompt="Progress test: does the hypothesis follow from the premise?",
+    )
+    job_id = (await app_client.post("/v1/jobs", json=body)).json()["id"]
+    streamed: list[dict] = []
+
+    async def read_progress_events() -> None:
+        async with app_client.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+            block: dict = {}
+            async for line in response.aiter_lines():
+                if not line:
+                    if block.get("event") == "progress":
+                        assert "id" not in block  # not stored: a resumed stream skips nothing
+                        streamed.append(json.loads(block["data"]))
+                    block = {}
+                elif not line.startswith(":"):
+                    field, _, value = line.partition(": ")
+                    block[field] = value
+
+    reader = asyncio.create_task(read_progress_events())
+    polled = []
+    while (job := (await app_client.get(f"/v1/jobs/{job_id}")).json())["status"] in {"queued", "running"}:
+        polled.append(job["progress"])
+        await asyncio.sleep(0.1)
+    await asyncio.wait_for(reader, 10)
+    assert job["status"] == "succeeded", job
+
+    for seen in (polled, streamed):
+        phases = [(p["phase"], p["phase_step"]) for p in seen if p["phase"] not in {"queued", "finished"}]
+        assert ("initial", 0) in phases and ("search", 1) in phases and ("search", 2) in phases, phases
+        assert ("test", 2) in phases, phases
+        fractions = [p["fraction"] for p in seen if p["phase"] != "queued"]
+        assert fractions == sorted(fractions), "overall progress never goes back"
+    n_dev = n_test = job["initial"]["test_n"]  # the default split's dev and test are the same size
+    distinct = 1 if job["best"]["prompt"] == job["initial"]["prompt"] else 2
+    # (An attempt shows its phase without counts until the worker first writes it.)
+    running = [p for p in polled + streamed if p["phase"] in {"initial", "search", "test"} and p["phase_total"]]
+    assert {p["phase_total"] for p in running if p["phase"] == "initial"} == {16 + n_dev}, running
+    assert {p["phase_total"] for p in running if p["phase"] == "test"} == {distinct * n_test}
+    assert all(0 <= p["phase_done"] <= p["phase_total"] for p in running if p["phase"] != "search")
+
+    messages = [r.getMessage() for r in caplog.records if job_id in r.getMessage()]
+    for step in (0, 1, 2):
+        assert sum(f"step {step}/2 saved" in m for m in messages) == 1, messages
+    assert sum("succeeded (completed)" in m for m in messages) == 1, messages
+    assert sum("scoring the initial and best prompts on test" in m for m in messages) == 1, messages
+
+    gain = job["best"]["test_gain"]
+    assert gain["n"] == n_test and gain["low"] <= gain["difference"] <= gain["high"]
+    assert gain["difference"] == pytest.approx(job["best"]["test_score"] - job["initial"]["test_score"])
+    assert gain["wins"] + gain["losses"] + gain["ties"] == n_test
 
 
 async def test_budget_stop_never_exceeds_cap(app_client, worker, fake_llm):

@@ -113,6 +113,7 @@ class Attempt:
     lease: LeaseClock
     progress: Progress = field(default_factory=Progress)
     usage: Usage | None = None  # the job's usage while the engine runs (answers received count as progress)
+    phase: Callable[[], dict | None] | None = None  # the engine's current phase (`JobEngine.phase_progress`)
     stop_request: str | None = None  # "cancel" | "lease_lost" | "shutdown" | "stalled"
     method: str = ""  # for the job-duration metric: the job's method, and when its first attempt started
     started_at: datetime | None = None
@@ -191,6 +192,18 @@ class RepositorySink:
             )
 
         await ride_out_outage(self.db, self.attempt, self.outage_seconds, write)
+        usage = record.usage
+        log.info(
+            "job %s: step %d/%d saved: %d candidates, best dev %s, %d LLM calls, %d cache hits, %.1fs",
+            self.attempt.job_id,
+            record.step,
+            record.total_steps,
+            len(record.candidates),
+            "-" if best is None or best.dev_score is None else f"{best.dev_score:.3f}",
+            usage.llm_calls,
+            usage.cache_hits,
+            record.elapsed_seconds,
+        )
 
     async def test_scored(self, selection: Selection, scores: dict[str, PromptScore]) -> None:
         async def write(session) -> None:
@@ -202,6 +215,33 @@ class RepositorySink:
                 )
 
         await ride_out_outage(self.db, self.attempt, self.outage_seconds, write)
+
+
+PHASE_WRITE_SECONDS = 1.0
+
+
+def _phase_key(phase: dict | None) -> tuple | None:
+    return None if phase is None else (phase["name"], phase["step"])
+
+
+def describe_phase(phase: dict) -> str:
+    expected = f"~{phase['total']}" if phase["name"] == "search" and phase["total"] else phase["total"]
+    what = {
+        "initial": "scoring the initial prompt",
+        "search": f"step {phase['step']}",
+        "test": "scoring the initial and best prompts on test",
+    }.get(phase["name"], phase["name"])
+    return f"{what} ({expected if expected is not None else '?'} answers expected)"
+
+
+def _result_summary(selection: Selection) -> str:
+    parts = []
+    for label, entry in (("initial", selection.initial), ("best", selection.best)):
+        if entry is not None and entry.test_score is not None:
+            parts.append(f"{label} test {entry.test_score:.3f}")
+        elif entry is not None and entry.dev_score is not None:
+            parts.append(f"{label} dev {entry.dev_score:.3f}")
+    return "; " + ", ".join(parts) if parts else ""
 
 
 def _public(entry) -> dict | None:
@@ -268,6 +308,8 @@ class JobRunner:
         loop = asyncio.get_running_loop()
         next_beat = next_queue_beat = loop.time() + queue_settings.heartbeat_seconds
         failing = False
+        written_phase: dict | None = None
+        next_phase_write = 0.0
         while not main.done():
             await asyncio.sleep(queue_settings.cancel_poll_seconds)
             if heartbeat is not None and loop.time() >= next_queue_beat:
@@ -291,6 +333,15 @@ class JobRunner:
                         return
                     if beat_due:
                         await repo.heartbeat(attempt.job_id, attempt.attempt, queue_settings.lease_seconds)
+                    # The phase's progress, at most once a second (at once when the phase changes).
+                    phase = attempt.phase() if attempt.phase is not None else None
+                    if phase != written_phase and (
+                        loop.time() >= next_phase_write or _phase_key(phase) != _phase_key(written_phase)
+                    ):
+                        await repo.set_phase(attempt.job_id, attempt.attempt, phase)
+                        if phase is not None and _phase_key(phase) != _phase_key(written_phase):
+                            log.info("job %s: %s", attempt.job_id, describe_phase(phase))
+                        written_phase, next_phase_write = phase, loop.time() + PHASE_WRITE_SECONDS
                 if beat_due:
                     attempt.lease.renewed(sent_at, queue_settings.lease_seconds)
                     next_beat = loop.time() + queue_settings.heartbeat_seconds
@@ -375,6 +426,7 @@ class JobRunner:
                 price_for=self.registry.price,
                 judge=await self.registry.get_when_up(plan.task.judge["backend"]) if plan.task.judge else None,
             )
+            attempt.phase = engine.phase_progress
             outcome = await engine.run()
         except asyncio.CancelledError:
             if attempt.stop_request == "stalled":
@@ -488,6 +540,14 @@ class JobRunner:
         try:
             await ride_out_outage(self.db, attempt, self.settings.queue.db_outage_seconds, write)
             job_finished(attempt.method, status, attempt.started_at)
+            log.info(
+                "job %s: %s (%s) after %.1fs%s",
+                attempt.job_id,
+                status.value,
+                stop_reason.value,
+                elapsed,
+                _result_summary(selection),
+            )
         except LeaseLost:
             log.warning("job %s: attempt %d fenced off at finish", attempt.job_id, attempt.attempt)
 

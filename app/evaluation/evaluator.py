@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
+
+from app.evaluation.calibration import CONTENT_FREE_INPUT, argmax_labels, calibrate, label_distribution
 from app.evaluation.judge import JudgeSpec, judge_request, parse_grade
 from app.evaluation.metrics import METRICS, parse_label
 from app.evaluation.task import Example, Task
@@ -65,6 +68,16 @@ class PromptScore:
         return len(self.per_example)
 
 
+@dataclass(slots=True)
+class LabelTable:
+    """One prompt's label scores on a list of inputs."""
+
+    # Per input, each label's log-prob as the backend gave it (in `task.labels` order).
+    logprobs: list[list[float]]
+    # (inputs, labels): p(y|x), a softmax over the labels, after the task's calibration. Predictions are its argmax.
+    probs: np.ndarray
+
+
 class Evaluator:
     def __init__(self, task: Task, llm: ScoringLLM, judge_llm: ScoringLLM | None = None) -> None:
         """`judge_llm`: the backend that grades outputs, for the `llm_judge` metric."""
@@ -94,6 +107,12 @@ class Evaluator:
             for p in prompts
             for ex in examples
         ]
+
+    async def _label_scores(self, prompts: list[Prompt], examples: list[Example]) -> list[list[float]]:
+        """Per request (prompt-major), each label's log-prob: its verbalizer texts' log-probs, combined by the
+        task (several texts per label: their mean, `Task.label_logprobs`)."""
+        answers = await self.llm.label_logprobs(self._label_requests(prompts, examples))
+        return [self.task.label_logprobs(a.logprobs) for a in answers]
 
     async def score(
         self, prompts: list[Prompt], split: str = "train", examples: list[Example] | None = None
@@ -135,16 +154,58 @@ class Evaluator:
         batch. For methods whose objective needs the distribution, not just the argmax (cross-entropy, KL)."""
         if not self.uses_label_logprobs:
             raise ValueError("label log-probs need a label_accuracy task with labels and a label_logprobs backend")
-        answers = await self.llm.label_logprobs(self._label_requests(prompts, examples))
+        scores = await self._label_scores(prompts, examples)
         n = len(examples)
-        return [[answers[i * n + j].logprobs for j in range(n)] for i in range(len(prompts))]
+        return [[scores[i * n + j] for j in range(n)] for i in range(len(prompts))]
 
-    async def predict(self, prompts: list[Prompt], examples: list[Example]) -> list[list[str]]:
-        """Predictions (label or generated text) for every prompt x example, prompt-major."""
-        if self.uses_label_logprobs:
-            answers = await self.llm.label_logprobs(self._label_requests(prompts, examples))
+    async def label_tables(
+        self, prompts: list[Prompt], examples: list[Example], reference: list[Example] | None = None
+    ) -> list[LabelTable]:
+        """Per prompt: the label log-probs on `examples` and p(y|x) after `task.calibration`, from one batch. CBM's
+        mean runs over `reference` (default: `examples` themselves); contextual calibration adds one request per
+        prompt, the content-free input rendered with it."""
+        if not self.uses_label_logprobs:
+            raise ValueError("label log-probs need a label_accuracy task with labels and a label_logprobs backend")
+        if not examples:
+            return [LabelTable([], np.zeros((0, len(self.task.labels or [])))) for _ in prompts]
+        calibration = self.task.calibration
+        reference = reference if calibration == "cbm" and reference else None
+        extra = reference or ([Example(CONTENT_FREE_INPUT, "")] if calibration == "contextual" else [])
+        requests = self._label_requests(prompts, examples) + self._label_requests(prompts, extra)
+        answers = await self.llm.label_logprobs(requests)
+        scores = [self.task.label_logprobs(a.logprobs) for a in answers]
+        n, m, k = len(examples), len(extra), len(prompts)
+        tables = []
+        for i in range(k):
+            logprobs = scores[i * n : (i + 1) * n]
+            side = label_distribution(scores[k * n + i * m : k * n + (i + 1) * m]) if m else None
+            probs = calibrate(
+                label_distribution(logprobs),
+                calibration,
+                reference=side if calibration == "cbm" else None,
+                content_free=side[0] if side is not None and calibration == "contextual" else None,
+            )
+            tables.append(LabelTable(logprobs, probs))
+        return tables
+
+    async def predict(
+        self, prompts: list[Prompt], examples: list[Example], reference: list[Example] | None = None
+    ) -> list[list[str]]:
+        """Predictions (label or generated text) for every prompt x example, prompt-major. `reference`: the inputs
+        whose mean label probabilities CBM divides by (default: `examples`)."""
+        if self.uses_label_logprobs and self.task.calibration != "none":
             labels = self.task.labels or []
-            flat = [labels[max(range(len(labels)), key=a.logprobs.__getitem__)] for a in answers]
+            tables = await self.label_tables(prompts, examples, reference)
+            flat = [labels[i] for table in tables for i in argmax_labels(table.probs)]
+        elif self.uses_label_logprobs:
+            scores = await self._label_scores(prompts, examples)
+            labels = self.task.labels or []
+            flat = [labels[max(range(len(labels)), key=s.__getitem__)] for s in scores]
+        elif self.task.calibration != "none":
+            raise ValueError(
+                f"calibration {self.task.calibration!r} needs a label task scored by label log-probs "
+                "(label_accuracy with labels, and a backend with label_logprobs)"
+            )
         else:
             if any(not isinstance(p, str) for p in prompts):
                 raise ValueError(

@@ -23,7 +23,7 @@ from app.cache.lru import LRU
 from app.cache.store import CacheStore
 from app.evaluation.evaluator import Evaluator, Prompt, PromptScore
 from app.evaluation.splits import SplitSpec
-from app.evaluation.statistics import score_interval
+from app.evaluation.statistics import paired_comparison, score_interval
 from app.evaluation.task import Example, Task
 from app.jobs.models import StopReason
 from app.llm.breaker import CircuitBreaker
@@ -53,6 +53,7 @@ def task_from_spec(
         split=SplitSpec(**task["split"]),
         max_new_tokens=task.get("max_new_tokens") or 64,
         judge=task.get("judge"),
+        calibration=task.get("calibration") or "none",
     )
 
 
@@ -138,6 +139,8 @@ class SelectedPrompt:
     test_score: float | None = None
     # The test score's sample size, standard error and 95% interval (`statistics.score_interval`, as a dict).
     test: dict[str, Any] | None = None
+    # The best prompt only: its paired comparison with the initial prompt on the same test examples.
+    test_gain: dict[str, Any] | None = None
     artifact: dict[str, Any] | None = None  # soft prompts: what `prompt_from_artifact` rebuilds the prompt from
 
     def public(self) -> dict[str, Any]:
@@ -147,6 +150,7 @@ class SelectedPrompt:
             "dev_score": self.dev_score,
             "test_score": self.test_score,
             **({} if self.test is None else {"test_" + k: v for k, v in self.test.items() if k != "mean"}),
+            **({} if self.test_gain is None else {"test_gain": self.test_gain}),
             "train_score": self.train_score,
             "step": self.step,
         }
@@ -218,6 +222,18 @@ class JobSink(Protocol):
 
     async def test_scored(self, selection: Selection, scores: dict[str, PromptScore]) -> None:
         """Persist the test scores of the selected prompts (keyed by prompt text or description)."""
+
+
+@dataclass(slots=True)
+class Phase:
+    """What a running job is doing, for its progress: scoring its initial prompt (step 0), a search step, or the
+    final test scoring. Its work is counted in answers (LLM calls and cache hits) since it began; `total` is how
+    many it is expected to need (an estimate from the method's formula for search steps, exact for the others)."""
+
+    name: str  # "initial" | "search" | "test"
+    step: int
+    total: int | None
+    answers_at_start: int
 
 
 @dataclass(slots=True)
@@ -300,6 +316,38 @@ class JobEngine:
             optimizer_llm=self._meter(optimizer_llm, self.search_budget),
             initial_prompt=plan.initial_prompt,
         )
+        self.phase: Phase | None = None
+
+    def _answers(self) -> int:
+        return self.usage.llm_calls + self.usage.cache_hits
+
+    def _enter(self, name: str, step: int, total: int | None) -> None:
+        self.phase = Phase(name, step, total, self._answers())
+
+    def _enter_step(self, step: int) -> None:
+        """Step 0's calls are the method's `initial_calls`; the rest of its expected calls are spread evenly over
+        the search steps."""
+        plan = self.plan
+        n_train, n_dev = len(plan.task.split_examples("train")), len(plan.task.split_examples("dev"))
+        initial = plan.method.initial_calls(plan.params, n_train, n_dev)
+        if step == 0:
+            self._enter("initial", 0, initial)
+            return
+        try:
+            search = plan.method.expected_calls(plan.params, n_train, n_dev) - initial
+        except NotImplementedError:
+            search = None
+        steps = max(1, self.total_steps)
+        self._enter("search", step, None if search is None else max(1, round(search / steps)))
+
+    def phase_progress(self) -> dict[str, Any] | None:
+        """The current phase as a job shows it: name, step, answers done and expected (done may pass an
+        estimated total)."""
+        if self.phase is None:
+            return None
+        phase = self.phase
+        done = self._answers() - phase.answers_at_start
+        return {"name": phase.name, "step": phase.step, "done": done, "total": phase.total}
 
     @property
     def total_steps(self) -> int:
@@ -320,6 +368,7 @@ class JobEngine:
         try:
             while not self.optimizer.done:
                 self.search_budget.check_time()
+                self._enter_step(self.optimizer.steps_done)
                 report = await self.optimizer.step(self.ctx)
                 checkpoint = copy.deepcopy(self.optimizer.state_dict())  # before the next step moves it on
                 if finishing is not None:
@@ -418,6 +467,9 @@ class JobEngine:
             prompts[entry.prompt] = (
                 self.plan.method.prompt_from_artifact(entry.artifact) if entry.artifact else entry.prompt
             )
+        self._enter(
+            "test", max(0, self.optimizer.steps_done - 1), len(prompts) * len(self.plan.task.split_examples("test"))
+        )
         final_budget = self.plan.final_budget()
         self.evaluator.llm = self._meter(self._scorer, final_budget)
         if self._judge is not None:
@@ -430,5 +482,12 @@ class JobEngine:
         for entry in entries:
             entry.test_score = scores[entry.prompt].score
             entry.test = score_interval(scores[entry.prompt].per_example).as_dict()
+        initial, best = self.selection.initial, self.selection.best
+        if initial is not None and best is not None:
+            gain = paired_comparison(
+                scores[best.prompt].per_example, scores[initial.prompt].per_example, self.plan.seed
+            )
+            keep = ("n", "difference", "low", "high", "p_value", "test", "wins", "losses", "ties")
+            best.test_gain = {k: v for k, v in gain.as_dict().items() if k in keep}
         await self.evaluator.llm.flush()
         await self.sink.test_scored(self.selection, scores)

@@ -42,6 +42,8 @@ class Job(Base):
     spec: Mapped[dict] = mapped_column(sa.JSON)
     step: Mapped[int] = mapped_column(sa.Integer, default=0)
     total_steps: Mapped[int] = mapped_column(sa.Integer, default=0)
+    # While running: its phase, step, answers done and expected (`JobEngine.phase_progress`).
+    phase: Mapped[dict | None] = mapped_column(sa.JSON)
     llm_calls: Mapped[int] = mapped_column(sa.BigInteger, default=0)
     prompt_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
     completion_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)

@@ -239,6 +239,7 @@ class JobRepository:
                 lease_expires_at=now + timedelta(seconds=lease_seconds),
                 worker_id=worker_id,
                 started_at=sa.func.coalesce(Job.started_at, now),
+                phase=None,
             )
             .returning(Job.id)
         )
@@ -256,6 +257,9 @@ class JobRepository:
         )
         if result.rowcount != 1:
             raise LeaseLost(job_id)
+
+    async def set_phase(self, job_id: str, attempt: int, phase: dict | None) -> None:
+        await self._fenced_update(job_id, attempt, phase=phase)
 
     async def heartbeat(self, job_id: str, attempt: int, lease_seconds: float) -> None:
         await self._fenced_update(job_id, attempt, lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
@@ -386,6 +390,7 @@ class JobRepository:
             error=error,
             finished_at=utcnow(),
             lease_expires_at=None,
+            phase=None,
         )
         await self.add_event(job_id, "state", {"status": status.value, "stop_reason": stop_reason, "error": error})
 

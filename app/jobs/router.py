@@ -41,15 +41,19 @@ NOT_FOUND = error_responses(404)
 # One event of the stream (`itemSchema`: what OpenAPI 3.2 and FastAPI's own event streams use).
 JOB_EVENT = {
     "type": "object",
-    "required": ["id", "event", "data"],
+    "required": ["event", "data"],
     "properties": {
-        "id": {"type": "string", "description": "The event's id; send the last one seen as `Last-Event-ID` to resume."},
-        "event": {"type": "string", "description": "`state`, `step`, `warning`, `retry` or `cancel_requested`."},
-        "data": {
+        "id": {
             "type": "string",
-            "contentMediaType": "application/json",
-            "contentSchema": {"type": "object", "required": ["created_at"]},
+            "description": "The event's id; send the last one seen as `Last-Event-ID` to resume. `progress` events "
+            "have none.",
         },
+        "event": {
+            "type": "string",
+            "description": "`state`, `step`, `warning`, `retry`, `cancel_requested` (stored, with ids) or `progress` "
+            "(the job's `progress` object whenever it changed while the job runs).",
+        },
+        "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": {"type": "object"}},
     },
 }
 
@@ -213,7 +217,8 @@ async def job_events(
     tenant: TenantDep,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
-    """Server-Sent Events: every state change and step; reconnect with Last-Event-ID to resume."""
+    """Server-Sent Events: every state change and step (with ids; reconnect with Last-Event-ID to resume), and
+    `progress` events without ids while the job runs: its `progress` whenever it changed (phase, answers done)."""
     async with services.db.transaction() as session:
         await service.get_job(JobRepository(session), job_id, tenant)
     try:
@@ -224,6 +229,7 @@ async def job_events(
     async def stream():
         nonlocal after
         idle = 0.0
+        progress = None
         while True:
             async with services.db.transaction() as session:
                 repo = JobRepository(session)
@@ -235,6 +241,10 @@ async def job_events(
                 yield f"id: {event.id}\nevent: {event.type}\ndata: {payload}\n\n"
             if job is None or (JobStatus(job.status).terminal and not events):
                 return
+            # The running phase's progress when it changed: not stored, so no id (a resumed stream skips none).
+            if job.status == JobStatus.RUNNING and (now := service.job_progress(job)) != progress:
+                progress = now
+                yield f"event: progress\ndata: {now.model_dump_json()}\n\n"
             if await request.is_disconnected():
                 return
             if not events:
@@ -270,8 +280,18 @@ async def predict(job_id: str, body: PredictIn, services: ServicesDep, tenant: T
     """Apply the job's best (or initial) prompt - text or soft-prompt artifact - to new inputs."""
     check_predict_inputs(body.inputs, services.settings.api.limits)
     async with services.db.transaction() as session:
-        prompt, backend_name = await service.prediction_prompt(JobRepository(session), job_id, tenant, body)
-    outputs = await service.predict(services.registry, prompt, backend_name, body.inputs)
+        prompt, backend_name = await service.prediction_prompt(
+            JobRepository(session), job_id, tenant, body, DatasetRepository(session)
+        )
+    # A calibrated prediction scores the job's train inputs too: their answers are in the evaluation cache.
+    outputs = await service.predict(
+        services.registry,
+        prompt,
+        backend_name,
+        body.inputs,
+        cache=service.cache_reader(services.db) if prompt.reference else None,
+        cache_scope=tenant if services.settings.cache_scope == "tenant" else None,
+    )
     return PredictOut(
         prompt=prompt.description,
         predictions=[Prediction(input=i, output=o) for i, o in zip(body.inputs, outputs, strict=True)],

@@ -89,10 +89,28 @@ class TaskIn(Strict):
     labels: list[Annotated[str, Field(min_length=1, max_length=1_000)]] | None = Field(
         None, min_length=2, max_length=10_000
     )
-    verbalizer: dict[str, Annotated[str, Field(max_length=1_000)]] | None = None
+    verbalizer: (
+        dict[
+            str,
+            Annotated[str, Field(max_length=1_000)]
+            | Annotated[list[Annotated[str, Field(max_length=1_000)]], Field(min_length=1, max_length=64)],
+        ]
+        | None
+    ) = Field(
+        None,
+        description="label -> the text whose first token is scored (default: a space plus the label), or a list "
+        "of such texts (a verbalizer ensemble: the label's log-prob is the mean of theirs).",
+    )
     split: SplitIn = Field(default_factory=SplitIn)
     max_new_tokens: int | None = Field(None, ge=1, le=4096)
     judge: JudgeIn | None = Field(None, description="Settings of the `llm_judge` metric (required by it).")
+    calibration: Literal["none", "cbm", "contextual"] = Field(
+        "none",
+        description="Label tasks scored by label log-probs: how p(label|input) is calibrated before the argmax. "
+        "`cbm`: divided by its mean over the inputs scored together (a split, or the job's train split for "
+        'predict), renormalized; `contextual`: divided by p(label|"N/A") for the same prompt (one more request '
+        "per prompt), renormalized.",
+    )
 
     @field_validator("template")
     @classmethod

@@ -6,8 +6,9 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from app.cache.store import CacheStore, DurableCacheStore
 from app.datasets.repository import DatasetRepository
-from app.datasets.service import BUILTIN_PREFIX, builtin_task, resolve_examples
+from app.datasets.service import BUILTIN_PREFIX, builtin_task, resolve_examples, resolve_task_examples
 from app.errors import InvalidPayload, NotFound, ServiceUnavailable
 from app.evaluation.evaluator import JUDGE_METRIC, Evaluator, Prompt, prompt_name
 from app.evaluation.metrics import target_problem
@@ -18,9 +19,9 @@ from app.jobs.repository import JobRepository
 from app.jobs.schemas import JobCreateBase, PredictIn
 from app.jobs.views import JobEstimate, JobRead, Progress, PromptResult, SecondsRange, UsageOut
 from app.llm.metered import PREFIX_CAPABILITY, MeteredLLM
-from app.llm.port import BackendUnavailable, Capability
+from app.llm.port import BackendUnavailable, Capability, CapabilityMissing
 from app.llm.registry import BackendRegistry
-from app.optimizers.base import instruction_hash
+from app.optimizers.base import instruction_hash, subset_positions
 from app.optimizers.registry import METHODS
 from app.settings import WebhookSettings
 from app.usage import Budget, Usage
@@ -116,12 +117,20 @@ async def plan_job(
     if resolved.metric == "label_accuracy":
         if not resolved.labels:
             raise InvalidPayload(["task", "labels"], "metric 'label_accuracy' needs labels")
-        targets = {ex["target"] for ex in [*examples, *(test_examples or [])]}
+        # A method that never reads train targets (select) may take unlabeled examples: empty targets.
+        unlabeled = METHODS[method].accepts_unlabeled and any(ex["target"] == "" for ex in examples)
+        targets = {ex["target"] for ex in examples if not (unlabeled and ex["target"] == "")}
+        targets |= {ex["target"] for ex in test_examples or []}
         unknown = sorted(targets - set(resolved.labels))
         if unknown:
-            raise InvalidPayload(
-                ["task", "labels"], f"targets {unknown[:10]} are not among the labels", allowed=resolved.labels
+            hint = (
+                " (an empty target is an unlabeled example: only method 'select' takes them)" if "" in unknown else ""
             )
+            raise InvalidPayload(
+                ["task", "labels"], f"targets {unknown[:10]} are not among the labels{hint}", allowed=resolved.labels
+            )
+        if unlabeled:
+            _check_unlabeled_split(resolved)
     elif resolved.metric == JUDGE_METRIC:
         _check_judge(resolved, registry)
     elif resolved.metric in ("regex", "json_schema"):
@@ -136,6 +145,9 @@ async def plan_job(
 
     for loc, message in METHODS[method].check_task(resolved.model_dump(mode="json")):
         raise InvalidPayload(["task", *loc], message)
+    for loc, message in METHODS[method].check_params(payload.params):  # type: ignore[attr-defined]
+        raise InvalidPayload(["params", *loc], message)
+    _check_calibration(resolved, registry, payload.backends.scorer)
 
     initial_prompt = payload.initial_prompt
     if initial_prompt is None:
@@ -148,6 +160,47 @@ async def plan_job(
     plan = JobPlan.from_spec(spec, examples, test_examples)
     _check_split_sizes(plan.task)
     return spec, plan
+
+
+def _check_unlabeled_split(task) -> None:
+    """Unlabeled examples can be selected on but not scored: dev and test must not be drawn from them."""
+    split = task.split
+    if split.kind != "fraction":
+        raise InvalidPayload(
+            ["task", "split", "kind"],
+            "a dataset with unlabeled examples (empty targets) needs a fraction split",
+            allowed="fraction",
+        )
+    for part in ("dev", "test"):
+        if getattr(split, part) > 0:
+            where = "; give a labeled test_dataset to measure the result" if part == "test" else ""
+            raise InvalidPayload(
+                ["task", "split", part],
+                f"the dataset has unlabeled examples (empty targets), which cannot be scored on {part}: set "
+                f"split.{part} to 0{where}",
+                allowed=0,
+            )
+
+
+def _check_calibration(task, registry: BackendRegistry, scorer: str) -> None:
+    """Calibration rescales label probabilities: it needs a label task scored by label log-probs."""
+    if task.calibration == "none":
+        return
+    if task.metric != "label_accuracy" or not task.labels:
+        raise InvalidPayload(
+            ["task", "calibration"],
+            f"calibration {task.calibration!r} rescales label probabilities: it needs metric 'label_accuracy' with "
+            "labels",
+            allowed="none",
+        )
+    if Capability.LABEL_LOGPROBS not in registry.capabilities(scorer):
+        having = registry.with_capability(Capability.LABEL_LOGPROBS)
+        raise InvalidPayload(
+            ["task", "calibration"],
+            f"calibration {task.calibration!r} needs label log-probs, and scorer backend {scorer!r} lacks "
+            f"capability 'label_logprobs'; backends that have it: {having}",
+            allowed="none",
+        )
 
 
 def _check_judge(task, registry: BackendRegistry) -> None:
@@ -202,18 +255,45 @@ def budget_warnings(plan: JobPlan, num_layers: int) -> list[str]:
     ]
 
 
-def job_read(job: Job, *, with_spec: bool = False) -> JobRead:
+def job_progress(job: Job) -> Progress:
     total = max(job.total_steps, 0)
-    fraction = 1.0 if job.status == JobStatus.SUCCEEDED and job.stop_reason == "completed" else 0.0
+    status = JobStatus(job.status)
+    phase = job.phase if status == JobStatus.RUNNING else None
+    if phase is not None:
+        # Parts: the initial scoring, each search step, the test scoring.
+        completed = {"initial": 0, "search": phase["step"], "test": total + 1}.get(phase["name"], 0)
+        done, expected = phase.get("done") or 0, phase.get("total")
+        partial = min(1.0, done / expected) if expected else 0.0
+        return Progress(
+            step=job.step,
+            total_steps=total,
+            fraction=round(min(1.0, (completed + partial) / (total + 2)), 4),
+            phase=phase["name"],
+            phase_step=phase["step"],
+            phase_done=done,
+            phase_total=expected,
+        )
+    if status == JobStatus.RUNNING:  # an attempt starting: its first phase is not written yet
+        name, step, completed = ("search", job.step + 1, job.step + 1) if job.step else ("initial", 0, 0)
+        return Progress(
+            step=job.step, total_steps=total, fraction=round(completed / (total + 2), 4), phase=name, phase_step=step
+        )
+    fraction = 1.0 if status == JobStatus.SUCCEEDED and job.stop_reason == "completed" else 0.0
     if total and fraction < 1.0:
         fraction = min(1.0, job.step / total)
+    return Progress(
+        step=job.step, total_steps=total, fraction=round(fraction, 4), phase="finished" if status.terminal else "queued"
+    )
+
+
+def job_read(job: Job, *, with_spec: bool = False) -> JobRead:
     return JobRead(
         id=job.id,
         tenant=job.tenant,
         method=job.method,
         status=job.status,
         stop_reason=job.stop_reason,
-        progress=Progress(step=job.step, total_steps=total, fraction=round(fraction, 4)),
+        progress=job_progress(job),
         usage=UsageOut(
             llm_calls=job.llm_calls,
             prompt_tokens=job.prompt_tokens,
@@ -252,11 +332,19 @@ async def cancel_job(jobs: JobRepository, job_id: str, tenant: str) -> Job:
     return job
 
 
+# CBM at predict time divides by the mean label probabilities over the job's train inputs (at most this many, a
+# fixed seeded subset): the same every call, whatever the batch, and found in the evaluation cache once scored.
+CBM_REFERENCE_LIMIT = 1000
+_CBM_REFERENCE_PURPOSE = 7001
+
+
 @dataclass(slots=True)
 class PredictionPrompt:
     prompt: Prompt  # text, or a soft prompt rebuilt from its artifact
     task: Task
     artifact: dict | None
+    # task.calibration "cbm": the inputs whose mean label probabilities the predictions are divided by.
+    reference: list[Example] | None = None
 
     @property
     def description(self) -> str:
@@ -264,9 +352,10 @@ class PredictionPrompt:
 
 
 async def prediction_prompt(
-    jobs: JobRepository, job_id: str, tenant: str, body: PredictIn
+    jobs: JobRepository, job_id: str, tenant: str, body: PredictIn, datasets: DatasetRepository | None = None
 ) -> tuple[PredictionPrompt, str]:
-    """The prompt `predict` applies (the job's best or initial) and the backend to apply it with."""
+    """The prompt `predict` applies (the job's best or initial) and the backend to apply it with; for a task
+    calibrated by CBM, also its reference inputs (from `datasets`)."""
     job = await get_job(jobs, job_id, tenant)
     chosen = job.best if body.use == "best" else job.initial
     if chosen is None:
@@ -277,7 +366,44 @@ async def prediction_prompt(
         prediction = PredictionPrompt(chosen["prompt"], task, None)
     else:
         prediction = PredictionPrompt(METHODS[job.method].prompt_from_artifact(stored.data), task, stored.data)
+    if task.calibration == "cbm" and datasets is not None:
+        prediction.reference = await calibration_reference(datasets, job.spec, tenant)
     return prediction, body.backend or job.spec["backends"]["scorer"]
+
+
+async def calibration_reference(datasets: DatasetRepository, spec: dict, tenant: str) -> list[Example]:
+    """The job's train inputs (at most `CBM_REFERENCE_LIMIT`, a subset seeded by the job's seed): CBM's mean at
+    predict time."""
+    try:
+        examples, test_examples = await resolve_task_examples(datasets, spec["task"], tenant)
+    except NotFound as exc:
+        raise NotFound(
+            f"{exc.message}: calibration 'cbm' predicts relative to the job's train inputs, and its dataset is gone"
+        ) from exc
+    train = task_from_spec(spec["task"], examples, test_examples).split_examples("train")
+    positions = subset_positions(len(train), CBM_REFERENCE_LIMIT, spec.get("seed", 0), _CBM_REFERENCE_PURPOSE)
+    return [train[i] for i in positions]
+
+
+class CacheReader:
+    """The evaluation cache, read only: predict finds the answers jobs stored (CBM's reference inputs, scored
+    during the job) and stores none of its own."""
+
+    def __init__(self, store: CacheStore) -> None:
+        self.store = store
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, dict]:
+        return await self.store.get_many(keys)
+
+    def submit(self, key: str | None, model_id: str, value: dict, usage: Usage) -> None:
+        pass
+
+    async def flush(self) -> None:
+        pass
+
+
+def cache_reader(db) -> CacheReader:
+    return CacheReader(DurableCacheStore(db))
 
 
 async def job_artifact(jobs: JobRepository, job_id: str, tenant: str, use: str) -> dict:
@@ -290,10 +416,25 @@ async def job_artifact(jobs: JobRepository, job_id: str, tenant: str, use: str) 
 
 
 async def predict(
-    registry: BackendRegistry, prediction: PredictionPrompt, backend_name: str, inputs: Sequence[str]
+    registry: BackendRegistry,
+    prediction: PredictionPrompt,
+    backend_name: str,
+    inputs: Sequence[str],
+    *,
+    cache: CacheStore | None = None,
+    cache_scope: str | None = None,
 ) -> list[str]:
+    """`cache`, `cache_scope`: where the scorer's answers may be found (the job's tenant's evaluation cache)."""
     if backend_name not in registry.names:
         raise InvalidPayload(["backend"], f"unknown backend {backend_name!r}", allowed=registry.names)
+    calibration = prediction.task.calibration
+    if calibration != "none" and Capability.LABEL_LOGPROBS not in registry.capabilities(backend_name):
+        raise InvalidPayload(
+            ["backend"],
+            f"the job's task is calibrated ({calibration!r}), which needs label log-probs, and backend "
+            f"{backend_name!r} lacks capability 'label_logprobs'",
+            allowed=registry.with_capability(Capability.LABEL_LOGPROBS),
+        )
     if prediction.artifact is not None:
         capability = PREFIX_CAPABILITY[prediction.prompt.prefix.kind]  # type: ignore[union-attr]
         if capability not in registry.capabilities(backend_name):
@@ -309,13 +450,20 @@ async def predict(
             f"this soft prompt was trained on model {prediction.artifact['model_id']!r}; backend {backend_name!r} "
             f"serves {backend.info.model_id!r}, and soft prompts do not transfer between models",
         )
-    evaluator = Evaluator(prediction.task, MeteredLLM(backend, usage=Usage(), budget=Budget(), store=None))
+    llm = MeteredLLM(backend, usage=Usage(), budget=Budget(), store=cache, cache_scope=cache_scope)
+    evaluator = Evaluator(prediction.task, llm)
     try:
-        (outputs,) = await evaluator.predict([prediction.prompt], [Example(text, "") for text in inputs])
+        (outputs,) = await evaluator.predict(
+            [prediction.prompt], [Example(text, "") for text in inputs], reference=prediction.reference
+        )
     except BackendUnavailable as exc:
         raise ServiceUnavailable(
             f"backend {backend_name!r} is not answering; retry shortly", headers={"Retry-After": "5"}
         ) from exc
+    except CapabilityMissing as exc:
+        # The API grants an HTTP backend `input_embeddings` on its configuration (the check above) and checks the
+        # served model's weights only before its first soft prompt: a failed check is the caller's to fix.
+        raise InvalidPayload(["backend"], str(exc)) from exc
     return outputs
 
 

@@ -10,9 +10,24 @@ from pydantic import BaseModel, Field
 
 
 class Progress(BaseModel):
-    step: int
+    step: int = Field(description="The last step saved (0: the initial prompt scored).")
     total_steps: int
-    fraction: float
+    fraction: float = Field(
+        description="Overall, 0 to 1: the initial scoring, each search step and the final test scoring count as one "
+        "part each; the part in progress counts by its answers done of expected."
+    )
+    phase: str = Field(
+        "queued",
+        description="queued; while running: initial (scoring the initial prompt), search (a search step) or test "
+        "(scoring the initial and best prompts on test); finished once the job has ended.",
+    )
+    phase_step: int | None = Field(None, description="While running: the step the phase belongs to.")
+    phase_done: int | None = Field(None, description="While running: LLM answers (calls and cache hits) in this phase.")
+    phase_total: int | None = Field(
+        None,
+        description="While running: the answers the phase is expected to need (exact for initial and test, the "
+        "method's estimate for a search step, which `phase_done` may pass).",
+    )
 
 
 class UsageOut(BaseModel):
@@ -21,6 +36,20 @@ class UsageOut(BaseModel):
     completion_tokens: int
     cache_hits: int
     cost: float = Field(0.0, description="From the backends' prices (0 where none is configured).")
+
+
+class GainOverInitial(BaseModel):
+    """The best prompt against the initial one on the same test examples (paired)."""
+
+    n: int
+    difference: float = Field(description="Best minus initial: the mean of the per-example differences.")
+    low: float = Field(description="95% paired-bootstrap interval of the difference, lower end.")
+    high: float = Field(description="95% paired-bootstrap interval of the difference, upper end.")
+    p_value: float = Field(description="Two-sided: exact McNemar for 0/1 outcomes, else a sign-flip permutation.")
+    test: str
+    wins: int = Field(description="Examples the best prompt got right (scored higher on) and the initial did not.")
+    losses: int
+    ties: int
 
 
 class PromptResult(BaseModel):
@@ -33,6 +62,9 @@ class PromptResult(BaseModel):
     test_high: float | None = Field(None, description="The test score's 95% interval, upper end.")
     test_method: str | None = Field(
         None, description='How the interval was computed: "wilson" (0/1 outcomes) or "normal".'
+    )
+    test_gain: GainOverInitial | None = Field(
+        None, description="The best prompt only: its gain over the initial on test."
     )
     train_score: float | None = None
     step: int | None = None

@@ -13,19 +13,26 @@ from app.usage import TokenPrice
 log = logging.getLogger(__name__)
 
 
-def build_backend(name: str, config: BackendSettings, settings: Settings) -> LLMBackend:
+def build_backend(
+    name: str, config: BackendSettings, settings: Settings, *, defer_prompt_embeds: bool = False
+) -> LLMBackend:
     if config.kind == "local":
         from app.llm.local import LocalBackend
 
         return LocalBackend(name, config, settings.model_cache_dir)
     from app.llm.openai_compat import OpenAICompatBackend
 
-    return OpenAICompatBackend(name, config)
+    return OpenAICompatBackend(name, config, defer_prompt_embeds=defer_prompt_embeds)
 
 
 class BackendRegistry:
-    def __init__(self, settings: Settings, backends: dict[str, LLMBackend] | None = None) -> None:
+    def __init__(
+        self, settings: Settings, backends: dict[str, LLMBackend] | None = None, *, defer_prompt_embeds: bool = False
+    ) -> None:
+        """`defer_prompt_embeds`: for a process that runs no job (the API): HTTP backends do not read their
+        `embedding_weights` at start-up, only before a soft prompt this process sends itself (`probe`)."""
         self.settings = settings
+        self.defer_prompt_embeds = defer_prompt_embeds
         self._backends: dict[str, LLMBackend] = dict(backends or {})
         self._started: set[str] = set()
         self._probe_errors: dict[str, str] = {}
@@ -40,7 +47,9 @@ class BackendRegistry:
         if name not in self._backends:
             if name not in self.settings.backends:
                 raise KeyError(name)
-            self._backends[name] = build_backend(name, self.settings.backends[name], self.settings)
+            self._backends[name] = build_backend(
+                name, self.settings.backends[name], self.settings, defer_prompt_embeds=self.defer_prompt_embeds
+            )
         return self._backends[name]
 
     def info(self, name: str) -> BackendInfo:

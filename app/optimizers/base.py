@@ -182,6 +182,9 @@ class Optimizer(ABC):
 
     # Purpose key of the seeded scoring subset (`train_subset`), one per method so methods draw different subsets.
     subset_purpose: ClassVar[int] = 0
+    # True for a method that never reads the train targets: a label task's dataset may then hold unlabeled
+    # examples (empty targets), provided dev and test do not come from them.
+    accepts_unlabeled: ClassVar[bool] = False
 
     def __init__(self, params: MethodParams, seed: int) -> None:
         self.params = params
@@ -201,6 +204,12 @@ class Optimizer(ABC):
         """Problems with a (resolved) task spec for this method, as (field path under `task`, message)."""
         return []
 
+    @classmethod
+    def check_params(cls, params: MethodParams) -> list[tuple[list[str], str]]:
+        """Problems with validated params that their model cannot express (it must accept its defaults, which
+        GET /v1/methods lists), as (field path under `params`, message)."""
+        return []
+
     @property
     @abstractmethod
     def total_steps(self) -> int:
@@ -213,6 +222,12 @@ class Optimizer(ABC):
         with a step per model layer. An estimate for budgeting, not a cap: duplicates and the cache make it less.
         docs/methods/ derives each method's formula."""
         raise NotImplementedError
+
+    @classmethod
+    def initial_calls(cls, params: MethodParams, n_train: int, n_dev: int) -> int:
+        """About how many LLM calls step 0 makes with its dev selection (for progress): by default the initial
+        prompt on the scoring set and on dev."""
+        return cls.scoring_set_size(params, n_train) + n_dev
 
     @staticmethod
     def scoring_set_size(params: MethodParams, n_train: int) -> int:

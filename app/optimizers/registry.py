@@ -9,6 +9,7 @@ from app.optimizers.claps import Claps
 from app.optimizers.evaluate import Evaluate
 from app.optimizers.opro import Opro
 from app.optimizers.plum import Plum
+from app.optimizers.select import Select
 
 METHODS: dict[str, type[Optimizer]] = {
     "opro": Opro,
@@ -18,6 +19,7 @@ METHODS: dict[str, type[Optimizer]] = {
     "bbtv2": BbtV2,
     "claps": Claps,
     "evaluate": Evaluate,
+    "select": Select,
 }
 
 

@@ -70,7 +70,15 @@ class OpenAICompatBackend(CapabilityProbe):
 
     kind = KIND
 
-    def __init__(self, name: str, settings: BackendSettings, *, max_logprobs: int = DEFAULT_MAX_LOGPROBS) -> None:
+    def __init__(
+        self,
+        name: str,
+        settings: BackendSettings,
+        *,
+        max_logprobs: int = DEFAULT_MAX_LOGPROBS,
+        defer_prompt_embeds: bool = False,
+    ) -> None:
+        """`defer_prompt_embeds`: leave the embedding weights unread at start-up (the API; see `probe`)."""
         if not settings.base_url:
             raise ValueError(f"backend {name!r}: openai_compat needs a base_url (e.g. http://vllm:8000/v1)")
         self.name = name
@@ -97,6 +105,9 @@ class OpenAICompatBackend(CapabilityProbe):
         self._first_token_ids: dict[str, int | None] = {}
         self._first_token_strs: dict[str, str | None] = {}
         self._embedder = PromptEmbedder(name, settings, self._tokenize)
+        self._defer_prompt_embeds = defer_prompt_embeds
+        self._prompt_embeds_pending = False  # deferred, and not checked yet
+        self._prompt_embeds_lock = asyncio.Lock()
         self._detail: dict[str, Any] = {"base_url": self.base_url, "probed": False}
         caps = configured if (not settings.probe or settings.capabilities is not None) else {Capability.GENERATE}
         self._info = self._make_info(frozenset(caps))
@@ -222,6 +233,7 @@ class OpenAICompatBackend(CapabilityProbe):
             if request.prefix is not None:
                 if request.prefix.kind not in (PrefixKind.INPUT, PrefixKind.INPUT_ADD):
                     raise CapabilityMissing(f"backend {self.name!r} cannot take {request.prefix.kind.value} prefixes")
+                await self._confirm_prompt_embeds()
                 self._require(Capability.INPUT_EMBEDDINGS)
         verbalizers = sorted({v for r in requests for v in r.verbalizers})
         if self._label_mode == LABEL_MODE_TOKEN_IDS:
@@ -332,6 +344,7 @@ class OpenAICompatBackend(CapabilityProbe):
 
     async def embedding_std(self) -> float:
         """Standard deviation of all entries of the input embedding matrix (BBT's projection scale)."""
+        await self._confirm_prompt_embeds()
         matrix = await self._embedding_matrix()
         return float(await asyncio.to_thread(matrix.std))
 
@@ -431,7 +444,11 @@ class OpenAICompatBackend(CapabilityProbe):
 
     def _require(self, capability: Capability) -> None:
         if capability not in self._info.capabilities:
-            raise CapabilityMissing(f"backend {self.name!r} lacks capability {capability.value!r}")
+            why = self._detail.get("prompt_embeds") if capability == Capability.INPUT_EMBEDDINGS else None
+            raise CapabilityMissing(
+                f"backend {self.name!r} lacks capability {capability.value!r}"
+                + (f" (prompt_embeds {why})" if why else "")
+            )
 
     async def _fan_out(
         self,

@@ -39,7 +39,7 @@ class PromptEmbedder:
         self.name = name
         self.settings = settings
         self._tokenize = tokenize
-        self.matrix: Any = None  # EmbeddingRows (vocab, hidden), memory-mapped on first use
+        self.matrix: Any = None  # EmbeddingRows (vocab, hidden), opened on first use
         self._lock = asyncio.Lock()
         self._special_prefix: list[int] | None = None
         self._prompt_ids: OrderedDict[str, list[int]] = OrderedDict()

@@ -3,6 +3,11 @@
 It finds the model id, whether one-token completions return log-probs (label scoring), whether the server honours
 `logprob_token_ids` (else the top-k it grants), whether `/tokenize` exists, whether one request may carry a list
 of prompts, and whether `prompt_embeds` answers match the text they embed (soft prompts).
+
+The `prompt_embeds` check reads the served model's embedding weights. A process that sends no soft prompt of its
+own (the API: it validates and queues jobs, workers run them) defers it (`defer_prompt_embeds`): `input_embeddings`
+is granted on the configuration alone (`embedding_weights` set, `/tokenize` served) and the check runs only before
+the first soft prompt that process sends (a soft-prompt `predict`), so the weights are never opened otherwise.
 """
 
 from __future__ import annotations
@@ -26,6 +31,11 @@ LABEL_MODE_TOP_K = "top_k"  # logprobs=k, keys are decoded token strings
 PROMPT_EMBEDS_TOLERANCE = 0.1
 # A text whose next token a model predicts with some confidence, so wrong embeddings show.
 _PROBE_TEXT = "The capital of France is the city of"
+# The verdict of a process that defers the check (see the module docstring).
+PROMPT_EMBEDS_NOT_PROBED = (
+    "not probed in the API: granted on the configured embedding_weights, which this process reads only before "
+    "the first soft prompt it sends; workers probe at start"
+)
 _MAX_ALLOWED_RE = re.compile(r"max(?:imum)?[ _]?(?:allowed|logprobs)?\D{0,16}?(\d+)", re.IGNORECASE)
 
 
@@ -78,13 +88,42 @@ class CapabilityProbe:
                 self.settings.prompts_per_request if await self._probe_prompt_lists(retries) else 1
             )
             detail["prompts_per_request"] = self._prompts_per_request
-            embeds = await self._probe_prompt_embeds(retries)
+            if self._defer_prompt_embeds:
+                embeds = self._prompt_embeds_configured()
+                self._prompt_embeds_pending = embeds == PROMPT_EMBEDS_NOT_PROBED
+            else:
+                embeds = await self._probe_prompt_embeds(retries)
             detail["prompt_embeds"] = embeds
-            if embeds == "ok":
+            if embeds in ("ok", PROMPT_EMBEDS_NOT_PROBED):
                 caps.add(Capability.INPUT_EMBEDDINGS)
         self._detail = detail
         self._info = self._make_info(frozenset(caps))
         log.info("backend %s: model %s, capabilities %s, %s", self.name, model_id, sorted(caps), detail)
+
+    def _prompt_embeds_configured(self) -> str:
+        """The deferred verdict: what the configuration and the probe so far say, the weights left unread."""
+        if not self.settings.embedding_weights:
+            return "off: no embedding_weights configured"
+        if not self._tokenize_ok:
+            return "off: the server has no /tokenize"
+        return PROMPT_EMBEDS_NOT_PROBED
+
+    async def _confirm_prompt_embeds(self) -> None:
+        """Where the check was deferred: run it before this process's first soft prompt, once, and keep
+        `input_embeddings` only if it passes (the verdict replaces the deferred one in `detail`)."""
+        if not self._prompt_embeds_pending:
+            return
+        async with self._prompt_embeds_lock:
+            if not self._prompt_embeds_pending:
+                return
+            verdict = await self._probe_prompt_embeds(min(self.settings.max_retries, PROBE_MAX_RETRIES))
+            self._detail["prompt_embeds"] = verdict
+            caps = set(self._info.capabilities)
+            if verdict != "ok":
+                caps.discard(Capability.INPUT_EMBEDDINGS)
+            self._info = self._make_info(frozenset(caps))
+            self._prompt_embeds_pending = False
+            log.info("backend %s: prompt_embeds checked before the first soft prompt: %s", self.name, verdict)
 
     async def _probe_prompt_embeds(self, retries: int) -> str:
         """'ok' when the server takes `prompt_embeds` and answers for them as for the same text; else why not.

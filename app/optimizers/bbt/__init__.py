@@ -1,4 +1,4 @@
-"""BBT and BBTv2 - Black-Box Tuning (Sun et al., ICML 2022; EMNLP 2022), with BBT-RGB's two-stage option.
+"""BBT and BBTv2 - Black-Box Tuning (Sun et al., ICML 2022; EMNLP 2022), with BBT-RGB's options (LREC-COLING 2024).
 
 Adapted to decoder LMs (docs/methods/bbt.md). The template keeps the initial (manual) instruction in its {prompt}
 slot; its tokens are the soft prompt's placeholders: at most `prompt_length` of them, from the instruction's start.
@@ -16,6 +16,12 @@ slot; its tokens are the soft prompt's placeholders: at most `prompt_length` of 
 * Loss: `ce` (cross-entropy over the verbalizers' first-token log-probs) or `hinge` (margin 2), on the training
   split (or a seeded subset) in one batch per generation. Reported candidate scores are train accuracy.
 * Stage 2 (BBT-RGB): COBYLA (SciPy) from the best z for `budget2` evaluations (BBTv2: split over the layers).
+* Mixed initialisation (BBT-RGB, `demonstrations` > 0): the hard prompt is the instruction followed by that many
+  training examples as demonstrations (demonstrations.py); it takes the instruction's place everywhere (its tokens
+  are the `add` form's placeholders, the artifact's `text`), and the demonstrations are left out of the scoring set.
+* Per-layer step sizes (BBT-RGB, BBTv2 `sigma2`): layer 0's CMA-ES starts at `sigma`, the others at `sigma2`
+  (or on a linear / exponential schedule between them); the projections keep `sigma` in their std, as BBT-RGB's.
+* The verbalizer ensemble (BBT-RGB's several words per label) is the task's: `Task.label_logprobs`.
 
 Step 0 scores the manual prompt and measures the model's scales; each later step is one CMA-ES generation
 (BBTv2: of one layer), or one COBYLA run. Model selection on dev happens every `eval_every` evaluations.
@@ -24,6 +30,7 @@ Step 0 scores the manual prompt and measures the model's scales; each later step
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import warnings
 from typing import Any, ClassVar, Literal
@@ -41,8 +48,10 @@ from app.optimizers.base import (
     OptimizerContext,
     StepReport,
     label_task_problems,
+    subset_positions,
 )
 from app.optimizers.bbt.cmaes import CmaSearch, CmaSettings
+from app.optimizers.bbt.demonstrations import mixed_prompt, pick_demonstrations, render_demonstration
 from app.optimizers.bbt.projection import (
     ARTIFACT_VERSION,
     describe,
@@ -86,6 +95,16 @@ class BbtParams(MethodParams):
     train_subset: int | None = Field(
         None, ge=1, description="Score on a fixed, seeded subset of this many training examples (None: all)."
     )
+    demonstrations: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="BBT-RGB's mixed initialisation: this many training examples (labels in turn, seeded) follow the "
+        "instruction as demonstrations, and the soft prompt starts from that hard prompt (0: the instruction alone).",
+    )
+    demonstration_chars: int = Field(
+        200, ge=1, le=20_000, description="A demonstration's input is cut to this many characters."
+    )
 
 
 class BbtV2Params(BbtParams):
@@ -95,8 +114,36 @@ class BbtV2Params(BbtParams):
         "the manual prompt); prepend: key/value prefixes at every layer (a zero prefix is not a no-op).",
     )
     # The authors' recommended BBTv2 command: sigma 0.2, alpha 0.2.
-    sigma: float = Field(0.2, gt=0.0, le=100.0, description="CMA-ES initial step size (every layer).")
+    sigma: float = Field(
+        0.2, gt=0.0, le=100.0, description="CMA-ES initial step size (layer 0; every layer unless `sigma2` is set)."
+    )
     alpha: float = Field(0.2, gt=0.0, le=100.0, description="Scale of the random projections A_l.")
+    sigma2: float | None = Field(
+        None,
+        gt=0.0,
+        le=100.0,
+        description="BBT-RGB: CMA-ES initial step size of the layers after layer 0 (null: `sigma` everywhere).",
+    )
+    sigma_schedule: Literal["step", "linear", "exp"] = Field(
+        "step",
+        description="With `sigma2`, the step size of layer l >= 1: step: sigma2; linear: from sigma at layer 0 to "
+        "sigma2 at the last layer; exp: sigma2 + (sigma - sigma2) * exp(-l / 5).",
+    )
+
+
+def layer_sigmas(sigma: float, sigma2: float | None, schedule: str, num_layers: int) -> list[float]:
+    """Each layer's CMA-ES initial step size (BBT-RGB's `sigma_setting`: bbt2 = step, lin, exp)."""
+    if sigma2 is None:
+        return [sigma] * num_layers
+    out = [sigma]
+    for layer in range(1, num_layers):
+        if schedule == "step":
+            out.append(sigma2)
+        elif schedule == "linear":
+            out.append(sigma - (sigma - sigma2) * layer / (num_layers - 1))
+        else:
+            out.append(sigma2 + (sigma - sigma2) * math.exp(-layer / 5))
+    return out
 
 
 _PAPER = {"prompt_length": 50, "intrinsic_dim": 500, "popsize": 20, "budget": 8000, "sigma": 1.0, "alpha": 1.0}
@@ -104,6 +151,11 @@ _PAPER = {"prompt_length": 50, "intrinsic_dim": 500, "popsize": 20, "budget": 80
 _SMALL = {"prompt_length": 5, "intrinsic_dim": 50, "popsize": 8, "budget": 96, "eval_every": 16, "train_subset": 20}
 _PAPER_V2 = {**_PAPER, "sigma": 0.2, "alpha": 0.2}
 _SMALL_V2 = {**_SMALL, "popsize": 4, "budget": 120, "eval_every": 40, "sigma": 0.2, "alpha": 0.2, "train_subset": 14}
+# BBT-RGB's run script (budget 8000, sigma1 1, sigma2 0.2, alpha 0.5) with its options on: the additive form (its
+# cat_or_add), one demonstration after the instruction, and COBYLA after CMA-ES for 6000 evaluations (the stage-2
+# results directory its script names; the script's own budget2 is 0). Verbalizer ensembles are the task's.
+_RGB = {**_PAPER, "insertion": "add", "alpha": 0.5, "budget2": 6000, "demonstrations": 1}
+_RGB_V2 = {**_RGB, "sigma": 1.0, "sigma2": 0.2, "sigma_schedule": "step"}
 
 
 def loss_and_accuracy(logprobs: list[list[float]], gold: list[int], loss: str) -> tuple[float, float]:
@@ -136,7 +188,7 @@ class _BlackBoxTuning(Optimizer):
         self.evaluations = 0  # candidate evaluations so far (the paper's "API calls")
         self.scale: dict[str, Any] | None = None  # model geometry and projection stds, measured in step 0
         self.model_id: str | None = None
-        self.instruction = ""
+        self.instruction = ""  # the hard prompt: the initial prompt, and with `demonstrations` the demonstrations
 
     @classmethod
     def check_task(cls, task: dict[str, Any]) -> list[tuple[list[str], str]]:
@@ -145,6 +197,11 @@ class _BlackBoxTuning(Optimizer):
     @classmethod
     def prompt_from_artifact(cls, artifact: dict[str, Any]) -> SoftPrompt:
         return soft_prompt_from_artifact(artifact)
+
+    @staticmethod
+    def scoring_set_size(params: MethodParams, n_train: int) -> int:
+        # The demonstrations are not scored (at most `demonstrations` of them: fewer on a small split).
+        return Optimizer.scoring_set_size(params, max(1, n_train - getattr(params, "demonstrations", 0)))
 
     # -- shared state -----------------------------------------------------------------------------------
 
@@ -162,6 +219,43 @@ class _BlackBoxTuning(Optimizer):
         self.model_id = state["model_id"]
         self.instruction = state["instruction"]
 
+    # -- mixed initialisation -----------------------------------------------------------------------------
+
+    def demonstration_positions(self, ctx: OptimizerContext) -> list[int]:
+        """Positions (in the train split) of the demonstrations, in the order shown; none without `demonstrations`."""
+        if not self.params.demonstrations:
+            return []
+        task = ctx.evaluator.task
+        targets = [ex.target for ex in task.split_examples("train")]
+        return pick_demonstrations(targets, task.labels or [], self.params.demonstrations, self.seed)
+
+    def hard_prompt(self, ctx: OptimizerContext) -> str:
+        """The text the soft prompt starts from: the initial prompt, followed by the demonstrations if any."""
+        task = ctx.evaluator.task
+        train = task.split_examples("train")
+        shown = [
+            render_demonstration(task, train[i], self.params.demonstration_chars)
+            for i in self.demonstration_positions(ctx)
+        ]
+        return mixed_prompt(ctx.initial_prompt, shown)
+
+    def start_name(self) -> str:
+        k = self.params.demonstrations
+        return f"manual prompt with {k} demonstration{'s' if k != 1 else ''}" if k else "manual prompt"
+
+    def scoring_examples(self, ctx: OptimizerContext) -> list[Example]:
+        """The scoring set, as every method's, but never a demonstration: the train split without them, or a
+        seeded subset of that. Without demonstrations it is the usual one."""
+        train = ctx.evaluator.task.split_examples("train")
+        if self.scoring_positions is None:
+            shown = set(self.demonstration_positions(ctx))
+            pool = [i for i in range(len(train)) if i not in shown]
+            if not pool:
+                raise ValueError("no training examples are left to score: every one is a demonstration")
+            picked = subset_positions(len(pool), self.params.train_subset, self.seed, self.subset_purpose)
+            self.scoring_positions = [pool[i] for i in picked]
+        return [train[i] for i in self.scoring_positions]
+
     # -- scoring ----------------------------------------------------------------------------------------
 
     async def losses(self, ctx: OptimizerContext, prompts: list, examples: list[Example]) -> list[tuple[float, float]]:
@@ -174,12 +268,15 @@ class _BlackBoxTuning(Optimizer):
     async def score_initial(self, ctx: OptimizerContext, examples: list[Example]) -> CandidateResult:
         if not ctx.evaluator.uses_label_logprobs:
             raise ValueError("BBT needs a label task scored by label log-probs (metric label_accuracy with labels)")
-        if self.params.insertion == "add" and not ctx.initial_prompt.strip():
+        self.instruction = self.hard_prompt(ctx)
+        if self.params.insertion == "add" and not self.instruction.strip():
             raise ValueError("the additive soft prompt needs an initial prompt: its tokens are the placeholders")
-        self.instruction = ctx.initial_prompt
         self.model_id = ctx.evaluator.llm.info.model_id
-        ((loss, accuracy),) = await self.losses(ctx, [ctx.initial_prompt], examples)
-        return CandidateResult(ctx.initial_prompt, accuracy, 0, {"loss": round(loss, 6), "origin": "initial"})
+        ((loss, accuracy),) = await self.losses(ctx, [self.instruction], examples)
+        details: dict[str, Any] = {"loss": round(loss, 6), "origin": "initial"}
+        if self.params.demonstrations:
+            details["demonstrations"] = self.demonstration_positions(ctx)
+        return CandidateResult(self.instruction, accuracy, 0, details)
 
     def artifact(self, z: Any) -> dict[str, Any]:
         assert self.scale is not None
@@ -197,7 +294,8 @@ class _BlackBoxTuning(Optimizer):
             **({"placeholder": "instruction"} if self.params.insertion == "add" else {}),
             **{k: v for k, v in self.scale.items() if k in ("std", "stds")},
             "z": z,
-            "text": self.instruction,
+            "text": self.instruction,  # with demonstrations: the instruction and them (only what rebuilds it)
+            **({"demonstrations": self.params.demonstrations} if self.params.demonstrations else {}),
         }
 
     def candidate(self, artifact: dict, prompt: SoftPrompt, loss: float, accuracy: float, step: int, **details):
@@ -263,7 +361,7 @@ class Bbt(_BlackBoxTuning):
     method: ClassVar[str] = "bbt"
     params_model: ClassVar[type[MethodParams]] = BbtParams
     scorer_needs: ClassVar[frozenset[Capability]] = frozenset({Capability.LABEL_LOGPROBS, Capability.INPUT_EMBEDDINGS})
-    presets: ClassVar[dict[str, dict[str, Any]]] = {"paper": _PAPER, "small": _SMALL}
+    presets: ClassVar[dict[str, dict[str, Any]]] = {"paper": _PAPER, "small": _SMALL, "bbt_rgb": _RGB}
 
     def __init__(self, params: BbtParams, seed: int) -> None:
         super().__init__(params, seed)
@@ -333,7 +431,8 @@ class Bbt(_BlackBoxTuning):
         std = projection_std(p.alpha, await ctx.evaluator.llm.embedding_std(), p.intrinsic_dim, p.sigma)
         geometry = await ctx.evaluator.llm.model_geometry()
         self.scale = {"geometry": geometry, "std": std}
-        return StepReport(0, [initial], message=f"manual prompt scored on {len(examples)} examples; A std {std:.3g}")
+        message = f"{self.start_name()} scored on {len(examples)} examples; A std {std:.3g}"
+        return StepReport(0, [initial], message=message)
 
     async def search_step(self, ctx: OptimizerContext, step: int) -> StepReport:
         examples = self.scoring_examples(ctx)
@@ -373,7 +472,7 @@ class BbtV2(_BlackBoxTuning):
     method: ClassVar[str] = "bbtv2"
     params_model: ClassVar[type[MethodParams]] = BbtV2Params
     scorer_needs: ClassVar[frozenset[Capability]] = frozenset({Capability.LABEL_LOGPROBS, Capability.DEEP_PROMPT})
-    presets: ClassVar[dict[str, dict[str, Any]]] = {"paper": _PAPER_V2, "small": _SMALL_V2}
+    presets: ClassVar[dict[str, dict[str, Any]]] = {"paper": _PAPER_V2, "small": _SMALL_V2, "bbt_rgb": _RGB_V2}
 
     def __init__(self, params: BbtParams, seed: int) -> None:
         super().__init__(params, seed)
@@ -419,11 +518,20 @@ class BbtV2(_BlackBoxTuning):
         self.loss = state.get("loss")  # None (also in older checkpoints): any sample is taken
         self._layer_cache = {}
 
+    def layer_sigma(self, layer: int) -> float:
+        p = self.params
+        return layer_sigmas(p.sigma, p.sigma2, p.sigma_schedule, self.num_layers)[layer]
+
     def _search(self, layer: int) -> CmaSearch:
         if layer not in self.searches:
             p = self.params
             settings = CmaSettings(
-                dim=p.intrinsic_dim, sigma=p.sigma, popsize=p.popsize, seed=self.seed, key=(1 + layer,), bound=p.bound
+                dim=p.intrinsic_dim,
+                sigma=self.layer_sigma(layer),
+                popsize=p.popsize,
+                seed=self.seed,
+                key=(1 + layer,),
+                bound=p.bound,
             )
             saved = self.search_states.pop(str(layer), None)
             self.searches[layer] = CmaSearch.restore(settings, saved) if saved else CmaSearch(settings)
@@ -476,7 +584,7 @@ class BbtV2(_BlackBoxTuning):
         geometry = await ctx.evaluator.llm.model_geometry()
         # Per-layer statistics over the scoring inputs as the model sees them (manual prompt): of the hidden
         # states the additive form changes, or of the keys/values the prefix form stands beside.
-        texts = [ctx.evaluator.render(ctx.initial_prompt, ex) for ex in examples]
+        texts = [ctx.evaluator.render(self.instruction, ex) for ex in examples]
         if p.insertion == "add":
             hidden = await ctx.evaluator.llm.hidden_statistics(texts)
             stds = [projection_std(p.alpha, h, p.intrinsic_dim, p.sigma) for h in hidden]
@@ -494,7 +602,7 @@ class BbtV2(_BlackBoxTuning):
         # The add form's all-zero start is the manual prompt; the prefix form's zero prefix is not, so there the
         # first layer's best sample is taken whatever its loss.
         self.loss = initial.details["loss"] if p.insertion == "add" else None
-        return StepReport(0, [initial], message=f"manual prompt scored on {len(examples)} examples")
+        return StepReport(0, [initial], message=f"{self.start_name()} scored on {len(examples)} examples")
 
     async def search_step(self, ctx: OptimizerContext, step: int) -> StepReport:
         examples = self.scoring_examples(ctx)

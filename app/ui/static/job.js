@@ -213,16 +213,35 @@ export async function jobView(main, { params: [jobId], signal }) {
       cancelButton.disabled = true;
       cancelButton.textContent = "Cancel job";
     }
-    replace(
-      progressSlot,
-      progressBar(job.progress.fraction, "job progress"),
-      h("span", { class: "muted small" }, `step ${job.progress.step} of ${job.progress.total_steps}`),
-    );
+    renderProgress();
     renderBudget();
     replace(
       promptsSlot,
       promptCard("Initial prompt", "initial-title", job.initial),
       promptCard("Best prompt", "best-title", job.best),
+    );
+  }
+
+  // The phase while running (initial scoring, a step, test scoring) with its answers, else the steps saved.
+  function renderProgress() {
+    const progress = state.job.progress;
+    let text = `step ${progress.step} of ${progress.total_steps}`;
+    if (state.job.status === "running") {
+      const what = {
+        initial: "scoring the initial prompt",
+        search: `step ${progress.phase_step} of ${progress.total_steps}`,
+        test: "scoring on test",
+      }[progress.phase];
+      if (what) text = what;
+      if (progress.phase_total) {
+        const approx = progress.phase === "search" ? "~" : "";
+        text += ` · ${progress.phase_done} of ${approx}${progress.phase_total} answers`;
+      }
+    }
+    replace(
+      progressSlot,
+      progressBar(progress.fraction, "job progress"),
+      h("span", { class: "muted small", id: "phase-text" }, text),
     );
   }
 
@@ -354,6 +373,14 @@ export async function jobView(main, { params: [jobId], signal }) {
       data = JSON.parse(text);
     } catch {
       data = { message: text };
+    }
+    if (event === "progress") {
+      // Not logged: it comes every second while the job runs.
+      if (state.job && state.job.status === "running") {
+        state.job.progress = data;
+        renderProgress();
+      }
+      return;
     }
     addLogEntry(event, data);
     if (event === "step") {
