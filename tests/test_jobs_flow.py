@@ -87,6 +87,7 @@ async def test_progress_covers_every_phase_and_logs_each_step(app_client, worker
     """The initial scoring, each step and the final test scoring show as phases with answers done of expected, in
     the job's progress and as SSE `progress` events; the worker logs each step and the end once."""
     caplog.set_level(logging.INFO, logger="workers.runner")
+    caplog.set_level(logging.INFO, logger="app.jobs.router")
     # Every phase lasts longer than the event stream's poll (0.5 s), the shortest (test) one round of requests.
     fake_llm.latency_s = 0.8
     # A prompt and split of its own: answers cached by other tests would make phases instant.
@@ -136,6 +137,8 @@ async def test_progress_covers_every_phase_and_logs_each_step(app_client, worker
     messages = [r.getMessage() for r in caplog.records if job_id in r.getMessage()]
     for step in (0, 1, 2):
         assert sum(f"step {step}/2 saved" in m for m in messages) == 1, messages
+    assert sum("queued (opro on builtin:snli16" in m for m in messages) == 1, messages
+    assert sum("attempt 1 starts" in m for m in messages) == 1, messages
     assert sum("succeeded (completed)" in m for m in messages) == 1, messages
     assert sum("scoring the initial and best prompts on test" in m for m in messages) == 1, messages
 

@@ -111,6 +111,7 @@ async def submit_job(
     if replayed is not None:
         return replayed
     JOBS_SUBMITTED.labels(method=created["method"]).inc()
+    log.info("job %s: queued (%s on %s, tenant %s)", created["id"], created["method"], payload.task.dataset, tenant)
     await enqueue_committed(services, created["id"])
     return created
 
@@ -163,7 +164,9 @@ async def get_job(job_id: str, services: ServicesDep, tenant: TenantDep) -> JobR
 async def cancel_job(job_id: str, services: ServicesDep, tenant: TenantDep) -> JobRead:
     async with services.db.transaction() as session:
         job = await service.cancel_job(JobRepository(session), job_id, tenant)
-        return service.job_read(job)
+        read = service.job_read(job)
+    log.info("job %s: cancel requested (%s)", job_id, read.status)
+    return read
 
 
 @router.get("/{job_id}/candidates", response_model=CandidatePage, responses=NOT_FOUND)
