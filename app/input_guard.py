@@ -2,7 +2,9 @@
 
 An ASGI middleware, so it sees every route (present and future) the same way:
   * a body larger than the limit is refused with 413 as soon as the declared length or the bytes streamed in
-    pass it (JSON bodies `max_body_bytes`, multipart uploads `max_upload_bytes`), never read in full first;
+    pass it (JSON bodies `max_body_bytes`, multipart uploads `max_upload_bytes`), never read in full first; a
+    JSON body within its limit is read whole here for the checks below, a multipart upload streams on to the app
+    as it arrives (it is never held whole);
   * a JSON body nested deeper than `max_json_depth`, or too deep for the parser, is a 422, not a 500, and so is
     one that is not UTF-8;
   * a NUL, another C0 control character (tab, newline and carriage return are fine) or a lone surrogate in a
@@ -20,6 +22,7 @@ from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.errors import ServiceError
 from app.settings import ApiSettings
 
 DISALLOWED = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff]")
@@ -78,6 +81,9 @@ class InputGuard:
         if declared.isdigit() and int(declared) > limit:
             await _too_large(send, limit)
             return
+        if multipart:
+            await self._stream_upload(scope, receive, send, limit)
+            return
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -93,7 +99,8 @@ class InputGuard:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        if "json" in content_type or (not multipart and body[:1] in (b"{", b"[")):
+        del chunks
+        if "json" in content_type or body[:1] in (b"{", b"["):
             problem = self._check_json(body)
             if problem is not None:
                 await _answer(send, 422, *problem)
@@ -101,13 +108,45 @@ class InputGuard:
         replayed = False
 
         async def replay() -> Message:
-            nonlocal replayed
+            nonlocal replayed, body
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
+                message = {"type": "http.request", "body": body, "more_body": False}
+                body = b""  # the app holds it now, and lets it go when done
+                return message
             return await receive()
 
         await self.app(scope, replay, send)
+
+    async def _stream_upload(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        """A multipart upload passes through as it arrives (the multipart parser spools its files to disk), never
+        held whole: the bytes are counted, and the read that passes the limit raises `PayloadTooLarge`, which the
+        app answers like any service error (413), or this guard does if it reaches here."""
+        size = 0
+
+        async def counted() -> Message:
+            nonlocal size
+            if size > limit:
+                raise PayloadTooLarge(limit)
+            message = await receive()
+            size += len(message.get("body", b""))
+            if size > limit:
+                raise PayloadTooLarge(limit)
+            return message
+
+        started = False
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, watched)
+        except PayloadTooLarge:
+            if started:
+                raise
+            await _too_large(send, limit)
 
     def _check_path_and_query(self, scope: Scope) -> tuple[list[str | int], str] | None:
         found = DISALLOWED.search(scope.get("path", ""))
@@ -137,8 +176,24 @@ class InputGuard:
         return ["body", *path], message
 
 
+class PayloadTooLarge(ServiceError):
+    """A body streamed past its limit while the app was reading it."""
+
+    status_code = 413
+    code = "payload_too_large"
+
+    def __init__(self, limit: int) -> None:
+        loc, message = ["body"], _too_large_message(limit)
+        detail = {"loc": loc, "msg": message, "type": "value_error"}
+        super().__init__(f"{'.'.join(loc)}: {message}", [detail], {"connection": "close"})  # the rest is not read
+
+
+def _too_large_message(limit: int) -> str:
+    return f"larger than the limit of {limit} bytes"
+
+
 async def _too_large(send: Send, limit: int) -> None:
-    await _answer(send, 413, ["body"], f"larger than the limit of {limit} bytes", code="payload_too_large")
+    await _answer(send, 413, ["body"], _too_large_message(limit), code="payload_too_large")
 
 
 async def _answer(send: Send, status: int, loc: list[str | int], message: str, code: str = "validation_error") -> None:

@@ -1,7 +1,7 @@
 """Every table, imported in one place for Alembic and for tests."""
 
 from app.cache.models import EvalCacheEntry
-from app.datasets.models import Dataset
+from app.datasets.models import Dataset, DatasetExample
 from app.db import Base
 from app.idempotency.models import IdempotencyRecord
 from app.jobs.models import Candidate, CandidateEvaluation, Checkpoint, Job, JobEvent
@@ -16,6 +16,7 @@ __all__ = [
     "CandidateEvaluation",
     "Checkpoint",
     "Dataset",
+    "DatasetExample",
     "EvalCacheEntry",
     "IdempotencyRecord",
     "Job",

@@ -144,10 +144,16 @@ class Sampler:
         self._thread.join()
 
 
+def torch_loaded(pid: int) -> bool:
+    """Whether torch's native library is mapped into the process (it was imported)."""
+    return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+
+
 def measure(label: str, process: str, pid: int, opens: FileOpens, sampler: Sampler | None = None) -> dict:
     """The process's memory now, and the opens of the weights file (by any process) since the previous row."""
     now = status(pid)
     mapped, weights_kb = resident_of(pid, opens.path)
+    loaded = torch_loaded(pid)
     return {
         "weights": label,
         "process": process,
@@ -159,6 +165,7 @@ def measure(label: str, process: str, pid: int, opens: FileOpens, sampler: Sampl
         "weights_opened": opens.since_last(),
         "weights_mapped": mapped,
         "weights_resident_mb": weights_kb / MB,
+        "torch_loaded": loaded,
     }
 
 
@@ -336,8 +343,8 @@ print(json.dumps({key: (after[key] - before[key]) / 1024 for key in before}))
 
 
 def torch_import_mb() -> dict[str, float]:
-    """What importing torch adds to a process that has the worker's modules (the worker imports it to encode
-    `prompt_embeds` with torch.save): MB of RssAnon and RssFile."""
+    """What importing torch would add to a process that has the worker's modules (the worker once imported it to
+    encode `prompt_embeds` with torch.save; it writes those bytes itself now): MB of RssAnon and RssFile."""
     out = subprocess.run([sys.executable, "-c", TORCH_PROBE], cwd=ROOT, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -356,8 +363,9 @@ def summary(rows: list[dict], torch_mb: dict[str, float]) -> list[str]:
             f"{max(r['peak_mb'] for r in api):.0f} MB); weights file opened while only the API ran: "
             f"{'yes' if any(r['weights_opened'] for r in api) else 'never'}; the BBT job added to its worker "
             f"{bbt['anon_mb'] - idle['anon_mb']:+.0f} MB anonymous and {bbt['file_mb'] - idle['file_mb']:+.0f} MB "
-            f"file-backed, of which importing torch (torch.save of prompt_embeds) {torch_mb['RssAnon']:+.0f} / "
-            f"{torch_mb['RssFile']:+.0f} MB; weights file resident in it: {bbt['weights_resident_mb']:.1f} MB"
+            f"file-backed; torch loaded in it: {'yes' if bbt['torch_loaded'] else 'no'} (importing torch would add "
+            f"{torch_mb['RssAnon']:+.0f} / {torch_mb['RssFile']:+.0f} MB); weights file resident in it: "
+            f"{bbt['weights_resident_mb']:.1f} MB"
         )
     return lines
 

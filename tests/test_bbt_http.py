@@ -336,7 +336,7 @@ async def test_bbt_predictions_over_http_are_the_same_with_rows_read_on_demand_a
                 verbalizer=spec.verbalizer)  # fmt: skip
     instruction = "Does the premise entail the hypothesis?"
 
-    def decoded(embeds: str | list[str]) -> list[list]:  # torch.save's bytes name the storage by its address
+    def decoded(embeds: str | list[str]) -> list[list]:  # as values, read back as vLLM reads them
         items = embeds if isinstance(embeds, list) else [embeds]
         return [torch.load(io.BytesIO(base64.b64decode(item)), weights_only=True).tolist() for item in items]
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import asyncio
+import json
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -15,6 +17,7 @@ from app.deps import PrincipalDep, ServicesDep, TenantDep, TenantFilter, listed_
 from app.errors import InvalidPayload, NotFound
 from app.idempotency.service import IdempotencyKey, create_once
 from app.input_limits import check_examples
+from app.memory import release_freed_memory
 from app.openapi_responses import BODY_ERRORS, V1_ERRORS, error_responses, schema_ref
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=V1_ERRORS)
@@ -51,39 +54,60 @@ async def create_dataset(
     idempotency_key: IdempotencyKey = None,
 ):
     """Create a dataset from a JSON body `{"name", "examples": [{"input", "target"}]}` or a JSONL file upload."""
-    content_type = request.headers.get("content-type", "")
-    upload_form = content_type.startswith("multipart/form-data")
-    if upload_form:
-        form = await request.form()
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            raise InvalidPayload(["file"], "a JSONL file is required (multipart field 'file')")
-        raw = await upload.read()  # the whole request was bounded by api.max_upload_bytes (413 beyond)
-        name = form.get("name") or upload.filename or "upload"
-        payload = service.parse_jsonl(str(name), raw)
-    else:
-        try:
-            body = await request.json()
-        except ValueError as exc:
-            raise InvalidPayload([], "body must be JSON (or multipart/form-data with a JSONL file)") from exc
-        try:
-            payload = DatasetCreate.model_validate(body)
-        except ValidationError as exc:
-            raise RequestValidationError(
-                [{**err, "loc": ("body", *err["loc"])} for err in exc.errors(include_url=False)]
-            ) from exc
+    limits = services.settings.api.limits
+    try:
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            # The multipart parser spooled the file to disk (past 1 MB); it is read a line at a time, twice when an
+            # Idempotency-Key needs the examples' hash before anything is stored.
+            form = await request.form()
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise InvalidPayload(["file"], "a JSONL file is required (multipart field 'file')")
+            name = str(form.get("name") or upload.filename or "upload")
 
-    check_examples(["file"] if upload_form else ["examples"], payload.examples, services.settings.api.limits)
+            def chunks() -> service.Chunks:
+                upload.file.seek(0)
+                return service.jsonl_chunks(upload.file, name, limits)
 
-    async def create(session) -> tuple[int, dict]:
-        row = await service.create_dataset(DatasetRepository(session), payload, tenant)
-        return 201, service.dataset_read(row, examples_limit=0).model_dump(mode="json")
+        else:
+            payload = _json_payload(b"".join([chunk async for chunk in request.stream()]))
+            check_examples(["examples"], payload.examples, limits)
+            name = payload.name
 
-    body = payload.model_dump(mode="json")
-    replayed, created = await create_once(services.db, tenant, "datasets", idempotency_key, body, create)
+            def chunks() -> service.Chunks:
+                return service.payload_chunks(payload.examples)
+
+        body_hash = None
+        if idempotency_key is not None:
+            body_hash = await asyncio.to_thread(service.examples_hash, name, chunks())
+
+        async def create(session) -> tuple[int, dict]:
+            row = await service.create_dataset(DatasetRepository(session), name, chunks(), tenant)
+            return 201, service.dataset_read(row, []).model_dump(mode="json")
+
+        replayed, created = await create_once(
+            services.db, tenant, "datasets", idempotency_key, None, create, body_hash=body_hash
+        )
+    finally:
+        release_freed_memory()
     if replayed is not None:
         return replayed
     return JSONResponse(created, status_code=201)
+
+
+def _json_payload(raw: bytes) -> DatasetCreate:
+    """The validated JSON body. Read from the stream and parsed here (`request.json()` would keep the bytes and
+    the parsed tree on the request until the answer is sent): only the validated models outlive this call."""
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise InvalidPayload([], "body must be JSON (or multipart/form-data with a JSONL file)") from exc
+    try:
+        return DatasetCreate.model_validate(body)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**err, "loc": ("body", *err["loc"])} for err in exc.errors(include_url=False)]
+        ) from exc
 
 
 @router.get("", response_model=DatasetPage, responses=error_responses(403))
@@ -104,7 +128,7 @@ async def list_datasets(
             )
         except ValueError as exc:
             raise InvalidPayload(["cursor"], str(exc), location="query") from exc
-        return DatasetPage(items=[service.dataset_read(r, 0) for r in rows], next_cursor=next_cursor)
+        return DatasetPage(items=[service.dataset_read(r, []) for r in rows], next_cursor=next_cursor)
 
 
 @router.get("/{dataset_id}", response_model=DatasetRead, responses=error_responses(404))
@@ -118,7 +142,9 @@ async def get_dataset(
     if builtin is not None:
         return service.builtin_read(builtin, examples_limit)
     async with services.db.transaction() as session:
-        row = await DatasetRepository(session).get(dataset_id, tenant)
+        repo = DatasetRepository(session)
+        row = await repo.get(dataset_id, tenant)
         if row is None:
             raise NotFound(f"dataset {dataset_id!r} not found")
-        return service.dataset_read(row, examples_limit)
+        examples = await repo.examples(row.id, examples_limit) if examples_limit else []
+        return service.dataset_read(row, examples)

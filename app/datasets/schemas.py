@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -12,10 +13,13 @@ class ExampleIn(BaseModel):
     target: str = Field(..., max_length=100_000)
 
 
+DatasetName = Annotated[str, Field(min_length=1, max_length=200)]
+
+
 class DatasetCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(..., min_length=1, max_length=200)
+    name: DatasetName
     examples: list[ExampleIn] = Field(..., min_length=1, max_length=1_000_000)
 
 

@@ -7,8 +7,9 @@ then answers from the first's record like any later replay."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Annotated, Any
 
 from fastapi import Header
@@ -33,8 +34,35 @@ IdempotencyKey = Annotated[
 ]
 
 
+def _dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+
 def request_hash(body: Any) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    return hashlib.sha256(_dumps(body).encode()).hexdigest()
+
+
+def streamed_request_hash(fields: dict[str, Any], key: str, items: Iterable[Any], batch: int = 1_000) -> str:
+    """`request_hash` of `{**fields, key: list(items)}`, hashing `items` as they come (a large upload's examples
+    are never all in memory): the bytes hashed are those `json.dumps` writes for the whole body."""
+    digest = hashlib.sha256(b"{")
+    for n, name in enumerate(sorted([*fields, key])):
+        digest.update(f"{', ' if n else ''}{_dumps(name)}: ".encode())
+        if name != key:
+            digest.update(_dumps(fields[name]).encode())
+            continue
+        digest.update(b"[")
+        for i, some in enumerate(_batches(items, batch)):
+            digest.update(f"{', ' if i else ''}{', '.join(map(_dumps, some))}".encode())
+        digest.update(b"]")
+    digest.update(b"}")
+    return digest.hexdigest()
+
+
+def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    rest = iter(items)
+    while some := list(itertools.islice(rest, size)):
+        yield some
 
 
 async def replay(db: Database, tenant: str, route: str, key: str, body_hash: str) -> JSONResponse | None:
@@ -55,10 +83,14 @@ async def create_once(
     key: str | None,
     body: Any,
     create: Callable[[Any], Awaitable[tuple[int, dict]]],
+    *,
+    body_hash: str | None = None,
 ) -> tuple[JSONResponse | None, dict | None]:
     """Run `create(session) -> (status, response body)` in one transaction, recording the answer under `key`.
-    Returns (a replayed response, None) when the key was seen before, else (None, the new response body)."""
-    body_hash = request_hash(body) if key is not None else ""
+    Returns (a replayed response, None) when the key was seen before, else (None, the new response body).
+    `body_hash`: the body's `request_hash` when the caller computed it (then `body` is not read)."""
+    if body_hash is None:
+        body_hash = request_hash(body) if key is not None else ""
     if key is not None:
         replayed = await replay(db, tenant, route, key, body_hash)
         if replayed is not None:

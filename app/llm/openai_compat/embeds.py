@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
+import pickle
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -124,11 +124,64 @@ class PromptEmbedder:
 
 
 def encode_tensor(array: np.ndarray) -> str:
-    """base64 of `torch.save(tensor)`, which vLLM reads with `torch.load(..., weights_only=True)`. The legacy
-    (non-zip) format: the same bytes for the tensor, half the CPU to write, and `torch.load` reads both."""
-    import torch
+    """base64 of what `torch.save(tensor, _use_new_zipfile_serialization=False)` writes for the (rows, hidden)
+    float32 tensor `array`, which vLLM reads with `torch.load(..., weights_only=True)`. Written here without torch,
+    which a worker would otherwise import for this alone (about 180 MB resident: BBT over HTTP needs no torch
+    otherwise); a test checks the bytes against torch.save's, byte for byte but the storage's key."""
+    return base64.b64encode(torch_save_bytes(array)).decode("ascii")
 
-    buffer = io.BytesIO()
-    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-    torch.save(tensor, buffer, _use_new_zipfile_serialization=False)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+# torch's legacy (non-zip) serialization: five protocol-2 pickles, then each storage's element count (int64) and
+# raw bytes. The first three are plain values (magic number, protocol, sizes), the fourth rebuilds the tensor from a
+# persistent storage id, the fifth lists the storages' keys.
+_TORCH_MAGIC = 0x1950A86A20F9469CFC6C
+_TORCH_PROTOCOL = 1001
+_TORCH_SYS_INFO = {
+    "protocol_version": _TORCH_PROTOCOL,
+    "little_endian": True,
+    "type_sizes": {"short": 2, "int": 4, "long": 4},
+}
+_TORCH_HEADER = b"".join(pickle.dumps(v, protocol=2) for v in (_TORCH_MAGIC, _TORCH_PROTOCOL, _TORCH_SYS_INFO))
+
+
+def torch_save_bytes(array: np.ndarray, key: str = "0") -> bytes:
+    """The bytes `torch.save` (legacy format) writes for a contiguous 2-D float32 tensor of `array`'s values, its
+    storage named `key` (torch names it by its address). The tensor's pickle is written opcode by opcode, as torch's
+    pickler does (protocol 2, memoised with BINPUT 0-11), since pickling references to torch's classes by name
+    needs torch importable; ints and the storage-key list go through `pickle` itself, so they encode as torch's do."""
+    data = np.ascontiguousarray(array, dtype="<f4")
+    if data.ndim != 2:
+        raise ValueError(f"a 2-D (rows, hidden) array is expected, not {data.ndim}-D")
+    rows, hidden = data.shape
+
+    def put(index: int) -> bytes:
+        return b"q" + bytes([index])  # BINPUT
+
+    def text(value: str) -> bytes:
+        encoded = value.encode()
+        return b"X" + len(encoded).to_bytes(4, "little") + encoded  # BINUNICODE
+
+    def number(value: int) -> bytes:
+        return pickle.dumps(value, protocol=2)[2:-1]  # the int's opcode: no PROTO, no STOP (ints are not memoised)
+
+    tensor = b"".join(
+        [
+            b"\x80\x02",  # PROTO 2
+            b"ctorch._utils\n_rebuild_tensor_v2\n" + put(0),
+            b"(",  # MARK: the arguments
+            b"(" + text("storage") + put(1),  # MARK: the persistent id (storage, type, key, location, numel, None)
+            b"ctorch\nFloatStorage\n" + put(2),
+            text(key) + put(3),
+            text("cpu") + put(4),
+            number(data.size),
+            b"Nt" + put(5) + b"Q",  # None, TUPLE, BINPERSID
+            number(0),  # storage offset
+            number(rows) + number(hidden) + b"\x86" + put(6),  # size (TUPLE2)
+            number(hidden) + number(1) + b"\x86" + put(7),  # stride
+            b"\x89",  # requires_grad False
+            b"ccollections\nOrderedDict\n" + put(8) + b")R" + put(9),  # backward hooks: OrderedDict()
+            b"t" + put(10) + b"R" + put(11) + b".",
+        ]
+    )
+    keys = pickle.dumps([key], protocol=2)
+    return b"".join([_TORCH_HEADER, tensor, keys, data.size.to_bytes(8, "little"), data.tobytes()])
