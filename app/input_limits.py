@@ -30,9 +30,12 @@ def check_examples(loc: list[str | int], examples: Sequence, limits: InputLimits
 def check_job(payload, limits: InputLimits) -> None:
     task = payload.task
     check_chars(["task", "template"], task.template, limits.max_template_chars, "max_template_chars")
+    check_chars(["task", "demo_template"], task.demo_template, limits.max_template_chars, "max_template_chars")
     check_chars(["initial_prompt"], payload.initial_prompt, limits.max_prompt_chars, "max_prompt_chars")
     for index, candidate in enumerate(getattr(payload.params, "candidates", None) or ()):  # select's candidates
         check_chars(["params", "candidates", index], candidate, limits.max_prompt_chars, "max_prompt_chars")
+    for index, instruction in enumerate(getattr(payload.params, "instructions", None) or ()):  # fewshot's
+        check_chars(["params", "instructions", index], instruction, limits.max_prompt_chars, "max_prompt_chars")
     check_count(["task", "labels"], task.labels, limits.max_labels, "max_labels")
     for index, label in enumerate(task.labels or ()):
         check_chars(["task", "labels", index], label, limits.max_label_chars, "max_label_chars")

@@ -321,6 +321,11 @@ async def _run_demo(settings: Settings, body: dict, model_text: str) -> None:
             top = await client.candidates(job.id, order="score", limit=5)
     show_top_candidates(top.items)
     show_result(job, wall)
+    if "SmolLM2" in model_text:
+        console.print(
+            "A 135M model follows instructions poorly: the search finds what works for this model (often not good "
+            "English), and the test interval says whether the gain is real."
+        )
     if job.status != "succeeded":
         raise typer.Exit(1)
 

@@ -193,9 +193,11 @@ async def test_methods_and_backends(app_client):
     # expected calls per preset for the asked split sizes: OPRO small = S + N*c*S + N*c + (N+1)*D, plus 2 x test
     assert set(opro["expected_calls"]) == {"default", "paper", "small"}
     assert opro["expected_calls"]["small"] == 112 + 4 * 4 * 112 + 4 * 4 + 5 * 56 + 2 * 56
-    # evaluate and select do not search (no paper/small presets to size)
-    searching = [m for m in methods if m["name"] not in ("evaluate", "select")]
+    # evaluate and select do not search (no paper/small presets to size); fewshot has no paper to follow
+    searching = [m for m in methods if m["name"] not in ("evaluate", "select", "fewshot")]
     assert all(m["expected_calls"]["paper"] > m["expected_calls"]["small"] for m in searching)
+    fewshot = next(m for m in methods if m["name"] == "fewshot")["expected_calls"]
+    assert fewshot["large"] > fewshot["default"] > fewshot["small"]
     bigger = (await app_client.get("/v1/methods?n_train=500&n_dev=100&n_test=100")).json()
     assert next(m for m in bigger if m["name"] == "opro")["expected_calls"]["small"] > opro["expected_calls"]["small"]
     assert (await app_client.get("/v1/methods?n_train=0")).status_code == 422

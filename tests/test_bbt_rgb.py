@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from app.evaluation.demonstrations import compose, pick_demonstrations, render_demonstration
 from app.evaluation.evaluator import Evaluator
 from app.evaluation.splits import SplitSpec
 from app.evaluation.task import Example, Task
@@ -20,7 +21,6 @@ from app.llm.metered import MeteredLLM
 from app.llm.port import BackendInfo, Capability, LabelScores, PrefixKind
 from app.optimizers.base import OptimizerContext
 from app.optimizers.bbt import Bbt, BbtParams, BbtV2, BbtV2Params, layer_sigmas
-from app.optimizers.bbt.demonstrations import mixed_prompt, pick_demonstrations, render_demonstration
 from app.usage import Budget, Usage
 from tests.conftest import label_job, wait_for_status
 from tests.test_bbt import GEOMETRY, WhiteBoxScorer, run
@@ -126,8 +126,8 @@ def test_a_demonstration_is_rendered_as_a_query_with_its_label():
     )
     assert render_demonstration(task, Example("Is it? " + "x" * 50, "yes"), 10) == "Is it? xxx\nAnswer: Yes"
     assert render_demonstration(task, Example("Really", "no"), 10) == "Really\nAnswer: No"
-    assert mixed_prompt("Answer. ", ["d1", "d2"]) == "Answer.\n\nd1\n\nd2"
-    assert mixed_prompt("Answer. ", []) == "Answer. "  # without demonstrations: the instruction untouched
+    assert compose("Answer. ", ["d1", "d2"], "instruction_first") == "Answer.\n\nd1\n\nd2"
+    assert compose("Answer. ", [], "instruction_first") == "Answer. "  # none: the instruction untouched
 
 
 def signs_ctx(scorer=None, n: int = 24) -> OptimizerContext:

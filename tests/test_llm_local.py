@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from app.llm.local import CAPABILITIES, LocalBackend
-from app.llm.port import Capability, GenerationRequest, LabelScoreRequest, LLMBackend
+from app.llm.port import BackendError, Capability, FeatureRequest, GenerationRequest, LabelScoreRequest, LLMBackend
 from app.settings import BackendSettings
 
 MODEL_CACHE = Path(os.environ.get("PROMPTOPT_DATA_DIR", Path.home() / ".promptopt")) / "models"
@@ -167,6 +167,34 @@ async def test_token_embedding_matrix(backend: LocalBackend):
     matrix = await backend.token_embedding_matrix()
     assert matrix.shape == (49152, 576)
     assert str(matrix.dtype) == "float32"
+
+
+async def test_features_shape_determinism_and_batch_independence(backend: LocalBackend):
+    import numpy as np
+    import torch
+
+    texts = PROMPTS[:4]
+    together = await backend.features([FeatureRequest(t) for t in texts])
+    assert [f.dim for f in together] == [576] * 4
+    assert [f.prompt_tokens for f in together] == [backend.count_tokens(t) for t in texts]
+    again = await backend.features([FeatureRequest(t) for t in reversed(texts)])
+    alone = [(await backend.features([FeatureRequest(t)]))[0] for t in texts]
+    for a, b, c in zip(together, reversed(again), alone, strict=True):
+        assert np.array_equal(a.array(), b.array())
+        assert np.allclose(a.array(), c.array(), atol=1e-5)
+    mean = await backend.features([FeatureRequest(t, pooling="mean") for t in texts])
+    for m, a in zip(mean, together, strict=True):  # the same for a one-token text ("Hi"), else not
+        assert np.isfinite(m.array()).all() and np.allclose(m.array(), a.array()) == (a.prompt_tokens == 1)
+
+    # "last" is the hidden state the next-token logits are read from: the LM head turns it into the label scores.
+    (scores,) = await backend.label_logprobs([LabelScoreRequest(texts[0], VERBALIZERS[:3])])
+    with torch.inference_mode():
+        logits = backend._model.lm_head(torch.from_numpy(together[0].array()))  # noqa: SLF001
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+    ids = [backend.tokenizer()(v, add_special_tokens=False).input_ids[0] for v in VERBALIZERS[:3]]
+    assert [float(logprobs[i]) for i in ids] == pytest.approx(scores.logprobs, abs=1e-3)
+    with pytest.raises(BackendError, match="pooling"):
+        await backend.features([FeatureRequest("x", pooling="max")])
 
 
 def test_auto_dtype_is_bf16_only_on_a_cpu_with_native_bf16(tmp_path):

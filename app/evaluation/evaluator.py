@@ -6,8 +6,9 @@ requests sharing an instruction prefix reach the server together (prefix-cache h
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -48,11 +49,47 @@ class SoftPrompt:
     prefix: ContinuousPrefix
 
 
-Prompt = str | SoftPrompt
+class PerExamplePrompt(ABC):
+    """A text prompt whose {prompt} text depends on the example it is applied to: demonstrations chosen per input,
+    or a fixed set that leaves out the example being scored. `description` names it wherever a text prompt would be
+    shown (a score's `prompt`). The evaluator awaits `prepare` with the examples before rendering any of them, so the
+    work a choice needs (embedding the inputs) runs off the event loop."""
+
+    description: str
+
+    async def prepare(self, examples: list[Example]) -> None:
+        return None
+
+    @abstractmethod
+    def text_for(self, example: Example) -> str: ...
+
+
+class Predictor(ABC):
+    """What a method that adapts without a prompt leaves as its "prompt": a model that labels inputs itself from what
+    it asks the scoring LLM (CrossTune: feature vectors, then a trained head). The evaluator scores its predictions
+    with the task's metric like any prompt's. `description` names it wherever a text prompt would be shown;
+    `capability` is what the scorer must offer to apply it; `model_id` the scorer model it was trained on."""
+
+    description: str
+    capability: Capability
+    model_id: str | None = None
+
+    @abstractmethod
+    async def predict(self, llm: Any, task: Task, examples: list[Example]) -> list[str]:
+        """One prediction per example, through `llm` (the evaluator's metered LLM)."""
+
+
+Prompt = str | SoftPrompt | PerExamplePrompt | Predictor
 
 
 def prompt_name(prompt: Prompt) -> str:
     return prompt if isinstance(prompt, str) else prompt.description
+
+
+async def prepare_prompts(prompts: list[Prompt], examples: list[Example]) -> None:
+    for prompt in prompts:
+        if isinstance(prompt, PerExamplePrompt):
+            await prompt.prepare(examples)
 
 
 @dataclass(slots=True)
@@ -97,13 +134,18 @@ class Evaluator:
         )
 
     def render(self, prompt: Prompt, example: Example) -> str:
-        text = prompt if isinstance(prompt, str) else prompt.text
+        if isinstance(prompt, str):
+            text = prompt
+        elif isinstance(prompt, PerExamplePrompt):
+            text = prompt.text_for(example)
+        else:
+            text = prompt.text
         return render(self.task.template, text, example.input)
 
     def _label_requests(self, prompts: list[Prompt], examples: list[Example]) -> list[LabelScoreRequest]:
         verbalizers = tuple(self.task.verbalizer_texts())
         return [
-            LabelScoreRequest(self.render(p, ex), verbalizers, None if isinstance(p, str) else p.prefix)
+            LabelScoreRequest(self.render(p, ex), verbalizers, p.prefix if isinstance(p, SoftPrompt) else None)
             for p in prompts
             for ex in examples
         ]
@@ -111,6 +153,7 @@ class Evaluator:
     async def _label_scores(self, prompts: list[Prompt], examples: list[Example]) -> list[list[float]]:
         """Per request (prompt-major), each label's log-prob: its verbalizer texts' log-probs, combined by the
         task (several texts per label: their mean, `Task.label_logprobs`)."""
+        await prepare_prompts(prompts, examples)
         answers = await self.llm.label_logprobs(self._label_requests(prompts, examples))
         return [self.task.label_logprobs(a.logprobs) for a in answers]
 
@@ -171,6 +214,7 @@ class Evaluator:
         calibration = self.task.calibration
         reference = reference if calibration == "cbm" and reference else None
         extra = reference or ([Example(CONTENT_FREE_INPUT, "")] if calibration == "contextual" else [])
+        await prepare_prompts(prompts, [*examples, *extra])
         requests = self._label_requests(prompts, examples) + self._label_requests(prompts, extra)
         answers = await self.llm.label_logprobs(requests)
         scores = [self.task.label_logprobs(a.logprobs) for a in answers]
@@ -192,7 +236,15 @@ class Evaluator:
         self, prompts: list[Prompt], examples: list[Example], reference: list[Example] | None = None
     ) -> list[list[str]]:
         """Predictions (label or generated text) for every prompt x example, prompt-major. `reference`: the inputs
-        whose mean label probabilities CBM divides by (default: `examples`)."""
+        whose mean label probabilities CBM divides by (default: `examples`). A `Predictor` predicts by itself; the
+        other prompts go out together, as one batch."""
+        if any(isinstance(p, Predictor) for p in prompts):
+            texts = [p for p in prompts if not isinstance(p, Predictor)]
+            others = iter(await self.predict(texts, examples, reference) if texts else [])
+            return [
+                await p.predict(self.llm, self.task, examples) if isinstance(p, Predictor) else next(others)
+                for p in prompts
+            ]
         if self.uses_label_logprobs and self.task.calibration != "none":
             labels = self.task.labels or []
             tables = await self.label_tables(prompts, examples, reference)
@@ -207,10 +259,11 @@ class Evaluator:
                 "(label_accuracy with labels, and a backend with label_logprobs)"
             )
         else:
-            if any(not isinstance(p, str) for p in prompts):
+            if any(isinstance(p, SoftPrompt) for p in prompts):
                 raise ValueError(
                     "a soft prompt needs a label task (label_accuracy with labels) scored by label log-probs"
                 )
+            await prepare_prompts(prompts, examples)
             rendered = [self.render(p, ex) for p in prompts for ex in examples]
             generations = await self.llm.generate(
                 [GenerationRequest(r, max_tokens=self.task.max_new_tokens, temperature=0.0) for r in rendered]

@@ -38,6 +38,11 @@ class Task:
     # (by their mean over the inputs scored together) or "contextual" (by a content-free input's); see
     # `app.evaluation.calibration`.
     calibration: str = "none"
+    # How a training example is shown as a demonstration inside a prompt (`app.evaluation.demonstrations`): a text
+    # with {input} and {target} slots (None: the task template's query followed by the answer as it is scored), the
+    # input cut to `demo_max_chars` characters.
+    demo_template: str | None = None
+    demo_max_chars: int = 150
     _splits: dict[str, list[int]] | None = None
 
     def verbalizer_words(self) -> list[list[str]]:

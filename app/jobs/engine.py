@@ -54,6 +54,8 @@ def task_from_spec(
         max_new_tokens=task.get("max_new_tokens") or 64,
         judge=task.get("judge"),
         calibration=task.get("calibration") or "none",
+        demo_template=task.get("demo_template"),
+        demo_max_chars=task.get("demo_max_chars") or 150,
     )
 
 
@@ -106,6 +108,9 @@ class JobPlan:
         test = self.task.split_examples("test")
         inputs = sum(scorer.count_tokens_upper_bound(self.task.template + ex.input) for ex in test)
         instruction = scorer.count_tokens_upper_bound(self.initial_prompt) + _RESERVE_EXTRA_PROMPT_TOKENS
+        # Demonstrations the initial and the best prompt may carry on every example, on top of the instruction.
+        extras = self.method.prompt_extras(self.params, self.task, self.seed) if test else ()
+        instruction += sum(scorer.count_tokens_upper_bound(text) for text in extras if text)
         return 2 * len(test), 2 * inputs + len(test) * instruction, 2 * len(test) * self.task.max_new_tokens
 
     def search_budget(self, scorer: LLMBackend, elapsed_before: float, scorer_price: TokenPrice) -> Budget:

@@ -264,7 +264,9 @@ async def job_events(
 async def get_artifact(
     job_id: str, services: ServicesDep, tenant: TenantDep, use: Literal["best", "initial"] = "best"
 ) -> dict:
-    """The soft-prompt artifact (BBT/BBTv2) behind the job's best prompt: z, projection seed and scales, model."""
+    """The artifact behind the job's best prompt: a soft prompt (BBT/BBTv2: z, projection seed and scales, model),
+    a trained head (CrossTune: weights, label order and descriptions, feature model), or demonstrations chosen per
+    input (fewshot: the instruction, k and the retrieval pool)."""
     async with services.db.transaction() as session:
         return await service.job_artifact(JobRepository(session), job_id, tenant, use)
 
@@ -280,7 +282,7 @@ async def webhook_deliveries(job_id: str, services: ServicesDep, tenant: TenantD
 
 @router.post("/{job_id}/predict", response_model=PredictOut, responses={**BODY_ERRORS, **NOT_FOUND})
 async def predict(job_id: str, body: PredictIn, services: ServicesDep, tenant: TenantDep) -> PredictOut:
-    """Apply the job's best (or initial) prompt - text or soft-prompt artifact - to new inputs."""
+    """Apply the job's best (or initial) prompt - text, soft-prompt or trained-head artifact - to new inputs."""
     check_predict_inputs(body.inputs, services.settings.api.limits)
     async with services.db.transaction() as session:
         prompt, backend_name = await service.prediction_prompt(

@@ -112,6 +112,27 @@ class TaskIn(Strict):
         "per prompt), renormalized.",
     )
 
+    demo_template: str | None = Field(
+        None,
+        max_length=200_000,
+        description="How a training example is shown as a demonstration (method `fewshot`, or `params.demonstrations` "
+        "of opro, apo, plum and evaluate): a text with `{input}` and `{target}` (a label task's target: its first "
+        "verbalizer text, stripped). Default: the template's query with an empty `{prompt}`, then the answer as it "
+        "is scored.",
+    )
+    demo_max_chars: int = Field(
+        150, ge=1, le=200_000, description="A demonstration's input is cut to this many characters."
+    )
+
+    @field_validator("demo_template")
+    @classmethod
+    def _demo_slots(cls, value: str | None) -> str | None:
+        if value is not None:
+            missing = [slot for slot in ("{input}", "{target}") if slot not in value]
+            if missing:
+                raise ValueError(f"demo_template must contain {' and '.join(missing)}")
+        return value
+
     @field_validator("template")
     @classmethod
     def _slots(cls, value: str | None) -> str | None:

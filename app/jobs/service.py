@@ -10,7 +10,7 @@ from app.cache.store import CacheStore, DurableCacheStore
 from app.datasets.repository import DatasetRepository
 from app.datasets.service import BUILTIN_PREFIX, builtin_task, resolve_examples, resolve_task_examples
 from app.errors import InvalidPayload, NotFound, ServiceUnavailable
-from app.evaluation.evaluator import JUDGE_METRIC, Evaluator, Prompt, prompt_name
+from app.evaluation.evaluator import JUDGE_METRIC, Evaluator, Predictor, Prompt, SoftPrompt, prompt_name
 from app.evaluation.metrics import target_problem
 from app.evaluation.task import Example, Task
 from app.jobs.engine import JobPlan, task_from_spec
@@ -159,6 +159,8 @@ async def plan_job(
     spec["method"] = method
     plan = JobPlan.from_spec(spec, examples, test_examples)
     _check_split_sizes(plan.task)
+    for loc, message in plan.method.check_split(plan.params, plan.task):
+        raise InvalidPayload(["params", *loc], message)
     return spec, plan
 
 
@@ -411,7 +413,9 @@ async def job_artifact(jobs: JobRepository, job_id: str, tenant: str, use: str) 
     chosen = job.best if use == "best" else job.initial
     stored = await jobs.artifact(job.id, instruction_hash(chosen["prompt"])) if chosen else None
     if stored is None:
-        raise NotFound(f"job {job_id!r} has no {use} soft-prompt artifact (text prompts have none)")
+        raise NotFound(
+            f"job {job_id!r} has no {use} artifact (a soft prompt or a trained head; text prompts have none)"
+        )
     return stored.data
 
 
@@ -435,7 +439,8 @@ async def predict(
             f"{backend_name!r} lacks capability 'label_logprobs'",
             allowed=registry.with_capability(Capability.LABEL_LOGPROBS),
         )
-    if prediction.artifact is not None:
+    soft = isinstance(prediction.prompt, SoftPrompt)  # other artifacts (per-input demonstrations) are model-free
+    if soft:
         capability = PREFIX_CAPABILITY[prediction.prompt.prefix.kind]  # type: ignore[union-attr]
         if capability not in registry.capabilities(backend_name):
             raise InvalidPayload(
@@ -443,8 +448,12 @@ async def predict(
                 f"this soft prompt needs capability {capability.value!r}, which backend {backend_name!r} lacks",
                 allowed=registry.with_capability(capability),
             )
+    if isinstance(prediction.prompt, Predictor):  # the model as far as known before starting the backend
+        _check_predictor_backend(prediction.prompt, registry, backend_name, registry.info(backend_name).model_id)
     backend = await registry.get(backend_name)
-    if prediction.artifact is not None and backend.info.model_id != prediction.artifact["model_id"]:
+    if isinstance(prediction.prompt, Predictor):
+        _check_predictor_backend(prediction.prompt, registry, backend_name, backend.info.model_id)
+    if soft and prediction.artifact is not None and backend.info.model_id != prediction.artifact["model_id"]:
         raise InvalidPayload(
             ["backend"],
             f"this soft prompt was trained on model {prediction.artifact['model_id']!r}; backend {backend_name!r} "
@@ -465,6 +474,26 @@ async def predict(
         # served model's weights only before its first soft prompt: a failed check is the caller's to fix.
         raise InvalidPayload(["backend"], str(exc)) from exc
     return outputs
+
+
+def _check_predictor_backend(
+    predictor: Predictor, registry: BackendRegistry, backend_name: str, model_id: str | None = None
+) -> None:
+    """A trained predictor (a CrossTune head) needs its capability on the backend, and the model it was trained on
+    (checked where `model_id`, the backend's, is known): features do not transfer between models."""
+    capability = predictor.capability
+    if capability not in registry.capabilities(backend_name):
+        raise InvalidPayload(
+            ["backend"],
+            f"this trained head needs capability {capability.value!r}, which backend {backend_name!r} lacks",
+            allowed=registry.with_capability(capability),
+        )
+    if model_id and predictor.model_id is not None and model_id != predictor.model_id:
+        raise InvalidPayload(
+            ["backend"],
+            f"this head was trained on features of model {predictor.model_id!r}; backend {backend_name!r} serves "
+            f"{model_id!r}, and features do not transfer between models",
+        )
 
 
 # Without history, a token is taken to be about this many characters (English text and BPE vocabularies).
@@ -490,7 +519,8 @@ async def estimate_job(
         basis = f"median tokens per call of {len(same_kind)} earlier {spec['method']} jobs on this dataset"
     else:
         examples = task.split_examples("train") or task.split_examples("dev")
-        rendered = [len(task.template) + len(plan.initial_prompt) + len(ex.input) for ex in examples] or [0]
+        extra = max(map(len, plan.method.prompt_extras(plan.params, task, plan.seed)))  # demonstrations, if any
+        rendered = [len(task.template) + len(plan.initial_prompt) + extra + len(ex.input) for ex in examples] or [0]
         completion = 1 if task.metric == "label_accuracy" else task.max_new_tokens
         per_call = sum(rendered) / len(rendered) / CHARS_PER_TOKEN + completion
         basis = f"the prompts' length (about {CHARS_PER_TOKEN} characters a token); no earlier job to learn from"

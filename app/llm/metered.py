@@ -25,6 +25,8 @@ from app.llm.port import (
     BackendInfo,
     Capability,
     CapabilityMissing,
+    FeatureRequest,
+    Features,
     Generation,
     GenerationRequest,
     LabelScoreRequest,
@@ -59,7 +61,7 @@ PREFIX_CAPABILITY = {
 
 
 def cache_key(
-    model_id: str, kind: str, request: GenerationRequest | LabelScoreRequest, scope: str | None = None
+    model_id: str, kind: str, request: GenerationRequest | LabelScoreRequest | FeatureRequest, scope: str | None = None
 ) -> str:
     """`scope`: whose cache (a tenant); None: the cache shared by everyone (keys as they always were)."""
     parts: list = [model_id, kind, request.cache_payload()]
@@ -154,11 +156,26 @@ class MeteredLLM:
         )
         return [LabelScores(**v) for v in values]
 
+    async def features(self, requests: Sequence[FeatureRequest]) -> list[Features]:
+        """Feature vectors of texts (needs `features`): cached, charged and budgeted like label scores, one call a
+        text, its tokens as prompt tokens."""
+        self.require(Capability.FEATURES)
+        values = await self._run(
+            "features",
+            requests,
+            lambda r: (self.backend.count_tokens_upper_bound(r.text), 0),
+            self._call_features,
+        )
+        return [Features(**v) for v in values]
+
     async def _call_generate(self, requests: list, on_result) -> list[dict]:
         return [asdict(g) for g in await self.backend.generate(requests, on_result=on_result)]
 
     async def _call_label_logprobs(self, requests: list, on_result) -> list[dict]:
         return [asdict(s) for s in await self.backend.label_logprobs(requests, on_result=on_result)]
+
+    async def _call_features(self, requests: list, on_result) -> list[dict]:
+        return [asdict(f) for f in await self.backend.features(requests, on_result=on_result)]  # type: ignore[attr-defined]
 
     async def _run(self, kind, requests, token_bound, call, on_value=None) -> list[dict]:
         token = SEND_GATE.set(self.guard.gate if self.guard is not None else None)
@@ -369,7 +386,7 @@ class MeteredLLM:
         return value
 
 
-def _as_cacheable(answer: Generation | LabelScores) -> dict:
+def _as_cacheable(answer: Generation | LabelScores | Features) -> dict:
     value = asdict(answer)
     if "logprobs" in value:
         # JSON has no -inf; keep a finite floor so cached and fresh answers compare equal.

@@ -20,6 +20,8 @@ class Capability(enum.StrEnum):
     INPUT_EMBEDDINGS = "input_embeddings"
     DEEP_PROMPT = "deep_prompt"
     TOKEN_EMBEDDINGS = "token_embeddings"
+    # A fixed-size vector per text from the model itself (local: a hidden state; HTTP: /v1/embeddings).
+    FEATURES = "features"
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +170,59 @@ class LabelScoreRequest:
         return payload
 
 
+# How a white-box backend turns a text's last-layer hidden states into one vector: their mean over the text's
+# tokens, or the state at its last token (the one the next-token logits are read from). An HTTP server pools as it
+# was started to (vLLM's pooler config, llama.cpp's --pooling): it is not told.
+FEATURE_POOLINGS = ("mean", "last")
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureRequest:
+    """The model's representation of a raw (un-templated) text, for methods that train on top of it (needs
+    `features`)."""
+
+    text: str
+    pooling: str = "last"
+
+    @property
+    def deterministic(self) -> bool:
+        return True
+
+    def cache_payload(self) -> dict:
+        return {"text": self.text, "pooling": self.pooling}
+
+
+@dataclass(slots=True)
+class Features:
+    """A feature vector, float32 little-endian bytes in base64 (compact in the evaluation cache); see `of` and
+    `array`."""
+
+    vector: str
+    dim: int
+    prompt_tokens: int
+    completion_tokens: int = 0
+
+    @classmethod
+    def of(cls, values: Any, prompt_tokens: int) -> Features:
+        import base64
+
+        import numpy as np
+
+        array = np.ascontiguousarray(values, dtype="<f4").reshape(-1)
+        return cls(base64.b64encode(array.tobytes()).decode("ascii"), int(array.shape[0]), int(prompt_tokens))
+
+    def array(self) -> Any:
+        """The vector as a float32 numpy array of shape (dim,)."""
+        import base64
+
+        import numpy as np
+
+        array = np.frombuffer(base64.b64decode(self.vector), dtype="<f4")
+        if array.shape[0] != self.dim:
+            raise BackendError(f"a feature vector of {array.shape[0]} values claims {self.dim}")
+        return array.astype(np.float32)
+
+
 @dataclass(slots=True)
 class Generation:
     texts: list[str]
@@ -196,7 +251,7 @@ class BackendInfo:
     geometry: dict = field(default_factory=dict)
 
 
-OnResult = Callable[[int, "Generation | LabelScores"], None]
+OnResult = Callable[[int, "Generation | LabelScores | Features"], None]
 
 
 class BackendError(RuntimeError):

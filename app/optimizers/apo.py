@@ -42,6 +42,7 @@ from app.optimizers.base import (
     instruction_hash,
     settle,
 )
+from app.optimizers.demonstrations import DemonstrationsParams, demonstrations_field
 
 Expansion = Literal["random", "reject_on_errors"]
 
@@ -107,6 +108,7 @@ class ApoParams(MethodParams):
     optimizer_max_tokens: int = Field(1024, ge=8, le=8192, description="Max new tokens per optimizer call.")
     max_instruction_chars: int = Field(2000, ge=1, le=20_000, description="Longer proposed instructions are dropped.")
     error_input_chars: int = Field(600, ge=20, le=20_000, description="Each error's input is cut to this many chars.")
+    demonstrations: DemonstrationsParams | None = demonstrations_field()
 
     @property
     def budget(self) -> int:

@@ -25,10 +25,11 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
-from app.evaluation.evaluator import Evaluator, Prompt, PromptScore, SoftPrompt
+from app.evaluation.evaluator import Evaluator, Prompt, PromptScore
 from app.evaluation.task import Example, Task
 from app.llm.metered import MeteredLLM
 from app.llm.port import Capability
+from app.optimizers.demonstrations import CarriedDemonstrations, CarryingEvaluator, carried_spec, split_problems
 
 
 class MethodParams(BaseModel):
@@ -60,7 +61,7 @@ class CandidateResult:
     # Soft prompts only: the JSON artifact (`Optimizer.prompt_from_artifact` rebuilds the prompt from it) and the
     # prompt itself, ready to score. Stored only if the candidate becomes the job's best.
     artifact: dict[str, Any] | None = None
-    scoring_prompt: SoftPrompt | None = None
+    scoring_prompt: Prompt | None = None
     # False for candidates that are reference points of the search, not its outputs (e.g. ClaPS's pruning
     # words and the empty prompt): the engine never returns them as the job's best.
     eligible: bool = True
@@ -193,6 +194,9 @@ class Optimizer(ABC):
         self.steps_done = 0
         # Positions inside the train split that form the scoring set (None: not chosen yet).
         self.scoring_positions: list[int] | None = None
+        # `params.demonstrations` (text methods): the set every scored prompt carries, drawn from the task when the
+        # first step runs (derived from the task and seeds, so never part of the state).
+        self._carried: CarriedDemonstrations | None = None
 
     @classmethod
     def prompt_from_artifact(cls, artifact: dict[str, Any]) -> Prompt:
@@ -203,6 +207,22 @@ class Optimizer(ABC):
     def check_task(cls, task: dict[str, Any]) -> list[tuple[list[str], str]]:
         """Problems with a (resolved) task spec for this method, as (field path under `task`, message)."""
         return []
+
+    @classmethod
+    def check_split(cls, params: MethodParams, task: Task) -> list[tuple[list[str], str]]:
+        """Problems with params on the job's split task (e.g. demonstration positions outside train), as (field path
+        under `params`, message)."""
+        return split_problems(carried_spec(params), len(task.split_examples("train")))
+
+    @classmethod
+    def prompt_extras(cls, params: MethodParams, task: Task, seed: int) -> tuple[str, str]:
+        """Text beyond the instruction that the initial and the best prompt may carry on every example (the
+        demonstrations), for the engine's test-scoring reserve: by default `params.demonstrations`'s block on both."""
+        spec = carried_spec(params)
+        if spec is None:
+            return "", ""
+        block = CarriedDemonstrations(spec, task, seed).block()
+        return block, block
 
     @classmethod
     def check_params(cls, params: MethodParams) -> list[tuple[list[str], str]]:
@@ -254,9 +274,26 @@ class Optimizer(ABC):
         if self.done:
             raise RuntimeError(f"{self.method}: the run is already complete")
         step = self.steps_done
+        carried = self.carried_demonstrations(ctx)
+        if carried is not None:
+            evaluator: Any = CarryingEvaluator(ctx.evaluator, carried)
+            ctx = OptimizerContext(evaluator, ctx.optimizer_llm, ctx.initial_prompt)
         report = await (self.initial_step(ctx) if step == 0 else self.search_step(ctx, step))
+        if carried is not None:
+            carried.decorate(report.candidates)
         self.steps_done += 1
         return report
+
+    def carried_demonstrations(self, ctx: OptimizerContext) -> CarriedDemonstrations | None:
+        """The demonstration set of `params.demonstrations` (None without): the method sees instructions, every
+        prompt it scores carries the set, and its candidates are the prompts scored (see
+        `app.optimizers.demonstrations`)."""
+        spec = carried_spec(self.params)
+        if spec is None:
+            return None
+        if self._carried is None:
+            self._carried = CarriedDemonstrations(spec, ctx.evaluator.task, self.seed)
+        return self._carried
 
     async def initial_step(self, ctx: OptimizerContext) -> StepReport:
         """Step 0: the initial prompt scored on the scoring set (the engine takes it as the job's initial)."""

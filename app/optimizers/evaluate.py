@@ -15,10 +15,12 @@ from app.optimizers.base import (
     StepReport,
     train_subset_field,
 )
+from app.optimizers.demonstrations import DemonstrationsParams, demonstrations_field
 
 
 class EvaluateParams(MethodParams):
     train_subset: int | None = train_subset_field()
+    demonstrations: DemonstrationsParams | None = demonstrations_field()
 
 
 class Evaluate(Optimizer):

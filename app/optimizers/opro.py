@@ -43,6 +43,7 @@ from app.optimizers.base import (
     settle,
     train_subset_field,
 )
+from app.optimizers.demonstrations import DemonstrationsParams, demonstrations_field
 
 ExemplarSelection = Literal["random", "constant", "accumulative_most_frequent", "current_most_frequent"]
 InstructionPosition = Literal["template", "before_Q", "Q_begin", "Q_end", "A_begin"]
@@ -100,6 +101,7 @@ class OproParams(MethodParams):
         ),
     )
     train_subset: int | None = train_subset_field("score_on_subset")
+    demonstrations: DemonstrationsParams | None = demonstrations_field()
 
 
 _PAPER = {

@@ -6,7 +6,9 @@ from app.optimizers.apo import Apo
 from app.optimizers.base import Optimizer
 from app.optimizers.bbt import Bbt, BbtV2
 from app.optimizers.claps import Claps
+from app.optimizers.crosstune import CrossTune
 from app.optimizers.evaluate import Evaluate
+from app.optimizers.fewshot import Fewshot
 from app.optimizers.opro import Opro
 from app.optimizers.plum import Plum
 from app.optimizers.select import Select
@@ -18,8 +20,10 @@ METHODS: dict[str, type[Optimizer]] = {
     "bbt": Bbt,
     "bbtv2": BbtV2,
     "claps": Claps,
+    "fewshot": Fewshot,
     "evaluate": Evaluate,
     "select": Select,
+    "crosstune": CrossTune,
 }
 
 

@@ -12,6 +12,7 @@ __all__ = [
     "CHAT",
     "COMPLETIONS",
     "DETOKENIZE",
+    "EMBEDDINGS",
     "LLM_KINDS",
     "MODELS",
     "TOKENIZE",

@@ -13,11 +13,12 @@ In a test (the server runs in a background thread of the test process):
 
 As a process (other tests' worker subprocesses can point at it; the test drives it over HTTP):
 
-    python -m tests.fakes.fake_vllm --port 8123 [--no-logprob-token-ids] [--max-logprobs 20]
+    python -m tests.fakes.fake_vllm --port 8123 [--no-logprob-token-ids] [--max-logprobs 20] [--embeddings]
     # prints "FAKE_VLLM_URL=http://127.0.0.1:8123/v1" once it accepts connections
 
-Routes: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, POST /tokenize, POST /detokenize,
-and a control API under /_fake/ (state, log, hold_after, release, fail_next, reset) for the process mode.
+Routes: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings (only with
+`supports_embeddings`; otherwise 404 as on a server without it), POST /tokenize, POST /detokenize, and a control API
+under /_fake/ (state, log, hold_after, release, fail_next, reset) for the process mode.
 
 The toy model:
   * Tokens: newline, or optional spaces + a run of word characters, or optional spaces + one other
@@ -28,6 +29,8 @@ The toy model:
     from prompt to prompt, and some prompts score the right label higher than others.
   * Chat text: words drawn with a RNG seeded by the rendered messages (temperature 0), or by
     (messages, seed, temperature, sample index) when seeded; unseeded sampling is random.
+  * Embeddings: the normalised sum of a fixed pseudo-random vector per (lower-cased) word, `EMBEDDING_DIM` values:
+    texts sharing words get similar vectors, so a classifier can learn from them.
 
 The log: every request (not the /_fake/ ones) is appended as a `LoggedRequest` when it arrives;
 `completed` turns true only once its 2xx answer is produced, just before the handler returns it. A
@@ -37,8 +40,8 @@ while it was held or delayed (answered 499 once released: a killed worker receiv
 `count()` / `requests()` / `completed_requests()` unless `include_probes=True`, and bypass every
 fault knob (latency, delays, failures, the gate).
 
-`kind` filters take a kind ("models", "chat", "completions", "tokenize", "detokenize"), several, or
-None, which means the LLM calls: ("chat", "completions").
+`kind` filters take a kind ("models", "chat", "completions", "embeddings", "tokenize", "detokenize"), several,
+or None, which means the LLM calls: ("chat", "completions", "embeddings").
 """
 
 from __future__ import annotations
@@ -68,10 +71,11 @@ from app.llm.openai_compat import PROBE_HEADER
 MODELS = "models"
 CHAT = "chat"
 COMPLETIONS = "completions"
+EMBEDDINGS = "embeddings"
 TOKENIZE = "tokenize"
 DETOKENIZE = "detokenize"
-LLM_KINDS: tuple[str, ...] = (CHAT, COMPLETIONS)
-ALL_KINDS: tuple[str, ...] = (MODELS, CHAT, COMPLETIONS, TOKENIZE, DETOKENIZE)
+LLM_KINDS: tuple[str, ...] = (CHAT, COMPLETIONS, EMBEDDINGS)
+ALL_KINDS: tuple[str, ...] = (MODELS, CHAT, COMPLETIONS, EMBEDDINGS, TOKENIZE, DETOKENIZE)
 
 DEFAULT_MODEL = "fake-model"
 MAX_MODEL_LEN = 8192
@@ -90,6 +94,8 @@ _FIRST_ID = 1000
 _VOCAB_SPAN = 10_000_000
 OOV_LOGPROB = -30.0
 _MAX_PROMPT_CANDIDATES = 256
+EMBEDDING_DIM = 64
+_WORD_RE = re.compile(r"\w+")
 
 BASE_VOCAB: tuple[str, ...] = tuple(
     [" the", " a", " is", " it", " and", " of", " to", " in", " not", " I", " answer", " yes", " no"]
@@ -185,6 +191,17 @@ class ToyModel:
                 out.append(self.logprob(prompt, tokens[0]))
         return out
 
+    def embedding(self, text: str) -> list[float]:
+        """A deterministic bag-of-words vector of unit length (all zeros but the first for a text without words)."""
+        total = [0.0] * EMBEDDING_DIM
+        for word in _WORD_RE.findall(text.lower()):
+            for d in range(EMBEDDING_DIM):
+                total[d] += _unit("embedding", word, d) - 0.5
+        norm = math.sqrt(sum(v * v for v in total))
+        if norm == 0.0:
+            return [1.0] + [0.0] * (EMBEDDING_DIM - 1)
+        return [v / norm for v in total]
+
     def render_chat(self, messages: Sequence[dict]) -> str:
         parts = [f"<|{m.get('role', 'user')}|>\n{_content_text(m.get('content'))}\n" for m in messages]
         return "".join(parts) + "<|assistant|>\n"
@@ -227,6 +244,9 @@ class LoggedRequest:
     @property
     def prompts(self) -> int:
         """LLM calls this request carries: the length of a completions prompt list, else 1."""
+        if self.kind == EMBEDDINGS:
+            texts = self.body.get("input")
+            return len(texts) if isinstance(texts, list) and texts else 1
         prompt = self.body.get("prompt_embeds", self.body.get("prompt"))
         return len(prompt) if self.kind == COMPLETIONS and isinstance(prompt, list) and prompt else 1
 
@@ -264,6 +284,7 @@ class FakeVLLM:
         supports_tokenize: bool = True,
         max_logprobs: int = 20,
         supports_prompt_lists: bool = True,
+        supports_embeddings: bool = False,
         latency_s: float = 0.0,
         responder: Responder | None = None,
     ) -> None:
@@ -275,6 +296,8 @@ class FakeVLLM:
         self.max_logprobs = max_logprobs
         # vLLM and OpenAI take a list of prompts in one completions request; some servers take only one.
         self.supports_prompt_lists = supports_prompt_lists
+        # vLLM serves /v1/embeddings only for a pooling model; False answers 404 like a server without the route.
+        self.supports_embeddings = supports_embeddings
         # (running, waiting) served at /metrics as vLLM's gauges; None: no /metrics (404).
         self.queue_gauges: tuple[float, float] | None = None
         self.metrics_reads = 0
@@ -445,6 +468,10 @@ class FakeVLLM:
         async def completions(request: Request) -> Response:
             return await self._handle(COMPLETIONS, request)
 
+        @app.post("/v1/embeddings")
+        async def embeddings(request: Request) -> Response:
+            return await self._handle(EMBEDDINGS, request)
+
         @app.post("/tokenize")
         async def tokenize(request: Request) -> Response:
             return await self._handle(TOKENIZE, request)
@@ -592,6 +619,8 @@ class FakeVLLM:
             return self._chat(body, entry)
         if kind == COMPLETIONS:
             return self._completions(body, entry)
+        if kind == EMBEDDINGS:
+            return self._embeddings(body, entry)
         if kind == TOKENIZE:
             return self._tokenize(body, entry)
         return self._detokenize(body, entry)
@@ -767,6 +796,20 @@ class FakeVLLM:
             top[self._key(token, as_ids)] = value
         return top
 
+    def _embeddings(self, body: dict, entry: LoggedRequest) -> Response:
+        if not self.supports_embeddings:
+            return _error(404, "Not Found")
+        if (error := self._check_model(body)) is not None:
+            return error
+        texts = body.get("input")
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            return _error(400, "input: a string or a non-empty list of strings is required")
+        items = [{"object": "embedding", "index": i, "embedding": self.toy.embedding(t)} for i, t in enumerate(texts)]
+        prompt_tokens = sum(len(self.toy.encode(t, add_special_tokens=True)) for t in texts)
+        data = {"object": "list", "data": items, "model": self.model, "usage": self._usage(prompt_tokens, 0)}
+        return self._json(entry, data)
+
     def _tokenize(self, body: dict, entry: LoggedRequest) -> Response:
         if not self.supports_tokenize:
             return _error(404, "Not Found")
@@ -906,6 +949,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ignore-unknown-fields", action="store_true", help="ignore fields it does not support")
     parser.add_argument("--no-tokenize", action="store_true", help="no /tokenize or /detokenize (404)")
     parser.add_argument("--max-logprobs", type=int, default=20)
+    parser.add_argument("--embeddings", action="store_true", help="serve /v1/embeddings (else 404)")
     parser.add_argument("--latency-s", type=float, default=0.0)
     args = parser.parse_args(argv)
     server = FakeVLLMServer(
@@ -916,6 +960,7 @@ def main(argv: list[str] | None = None) -> None:
         ignore_unknown_fields=args.ignore_unknown_fields,
         supports_tokenize=not args.no_tokenize,
         max_logprobs=args.max_logprobs,
+        supports_embeddings=args.embeddings,
         latency_s=args.latency_s,
     )
     server.serve_forever()

@@ -8,6 +8,8 @@ the event loop is never blocked by a forward pass.
   only the last position's logits; the score of a verbalizer is the log-prob of its first token.
 - `generate`: chat template, left-padded batches, our own incremental decoding loop on the KV cache so
   each row samples from its own `torch.Generator` (seeded per request) and stops on its own.
+- `features`: raw text (no chat template), left-padded batches through the decoder without the LM head; a text's
+  vector is its last-layer hidden states (after the final norm) at its last token, or their mean over its tokens.
 """
 
 from __future__ import annotations
@@ -29,10 +31,13 @@ from app.llm.local.convert import SOURCE_FILE, convert_gguf, default_gguf_path, 
 from app.llm.local.dtype import resolve_dtype
 from app.llm.local.sampling import SampleRow, choose
 from app.llm.port import (
+    FEATURE_POOLINGS,
     BackendError,
     BackendInfo,
     Capability,
     ContinuousPrefix,
+    FeatureRequest,
+    Features,
     Generation,
     GenerationRequest,
     LabelScoreRequest,
@@ -56,6 +61,7 @@ CAPABILITIES = frozenset(
         Capability.INPUT_EMBEDDINGS,
         Capability.DEEP_PROMPT,
         Capability.TOKEN_EMBEDDINGS,
+        Capability.FEATURES,
     }
 )
 # Tokens the chat template may add beyond the default system prompt's, plus slack for BPE merges
@@ -242,6 +248,34 @@ class LocalBackend:
                     )
                     if on_result is not None:
                         on_result(i, results[i])
+        return results  # type: ignore[return-value]
+
+    async def features(self, requests: list[FeatureRequest], on_result: OnResult | None = None) -> list[Features]:
+        """Each text's last-layer hidden state at its last token (`pooling` "last") or averaged over its tokens
+        ("mean"), float32, of the model's hidden size. Rows never see each other (row-wise attention), so a text's
+        vector does not depend on its batch."""
+        await self.start()
+        for i, request in enumerate(requests):
+            if request.pooling not in FEATURE_POOLINGS:
+                raise BackendError(f"feature request {i}: pooling {request.pooling!r} is not one of {FEATURE_POOLINGS}")
+        # An empty text still needs one position: a document boundary (as for label scoring).
+        encoded = [self._tokenizer(r.text).input_ids or [self._pad_id] for r in requests]
+        max_len = self._max_positions()
+        for i, ids in enumerate(encoded):
+            if len(ids) > max_len:
+                raise BackendError(
+                    f"feature request {i}: a text of {len(ids)} tokens is longer than the model's {max_len}"
+                )
+        results: list[Features | None] = [None] * len(requests)
+        order = sorted(range(len(requests)), key=lambda i: len(encoded[i]), reverse=True)
+        for chunk in self._chunks(order, lambda i: len(encoded[i])):
+            ids = [encoded[i] for i in chunk]
+            poolings = [requests[i].pooling for i in chunk]
+            vectors = await self._run(functools.partial(self._features_sync, ids, poolings))
+            for i, vector in zip(chunk, vectors, strict=True):
+                results[i] = Features.of(vector, prompt_tokens=len(encoded[i]))
+                if on_result is not None:
+                    on_result(i, results[i])
         return results  # type: ignore[return-value]
 
     # -- extras for embedding-based methods -------------------------------------------------------------
@@ -471,6 +505,21 @@ class LocalBackend:
             row = logprobs[b]
             out.append([float(row[t]) if t is not None else float("-inf") for t in wanted])
         return out
+
+    def _features_sync(self, ids: list[list[int]], poolings: list[str]) -> list[Any]:
+        """One batch of `features`: float32 numpy vectors, one per row."""
+        import torch
+
+        input_ids, mask, positions = self._left_pad(ids)
+        attention = mask[:, None, None, :] if self.attn_implementation == "rowwise" else mask
+        with torch.inference_mode():
+            hidden = self._model.get_decoder()(
+                input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=False
+            ).last_hidden_state.float()
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            means = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+            out = [hidden[b, -1] if pooling == "last" else means[b] for b, pooling in enumerate(poolings)]
+            return [row.numpy().copy() for row in out]
 
     def _forward_input_prefix(self, ids: list[list[int]], prefixes: list[ContinuousPrefix]):
         return prefixes_mod.forward_input_prefix(self, ids, prefixes)

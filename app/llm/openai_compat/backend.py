@@ -12,6 +12,8 @@ Calls:
       `logprobs=k` (top-k, matched against the verbalizers' first-token strings; a verbalizer outside the top-k
       scores -inf). `prompt_logprobs` is never used: it defeats vLLM's prefix caching. Requests behind a soft
       prompt are sent as `prompt_embeds` (see `embeds`).
+  * `features`        -> `POST /v1/embeddings` (where the probe found it), up to `prompts_per_request` texts in one
+      request; the vector is whatever the server's pooling makes of the text (a request's `pooling` is not sent).
 
 Requests go out in the order they were issued, so the examples of one candidate prompt reach the server
 together (prefix-cache hits), and a job's answers stream back to `on_result` request by request.
@@ -33,6 +35,7 @@ from app.llm.openai_compat.embeds import PromptEmbedder
 from app.llm.openai_compat.probe import LABEL_MODE_TOKEN_IDS, LABEL_MODE_TOP_K, CapabilityProbe
 from app.llm.openai_compat.responses import (
     choices_of,
+    embeddings_of,
     estimate_tokens,
     first_top_logprobs,
     split_total,
@@ -44,6 +47,8 @@ from app.llm.port import (
     BackendInfo,
     Capability,
     CapabilityMissing,
+    FeatureRequest,
+    Features,
     Generation,
     GenerationRequest,
     LabelScoreRequest,
@@ -242,6 +247,14 @@ class OpenAICompatBackend(CapabilityProbe):
             await self._resolve(verbalizers, self._first_token_strs, self._first_token_text)
         return await self._fan_out(requests, self._label_units(requests), len, self._label_unit, on_result)
 
+    async def features(self, requests: list[FeatureRequest], on_result: OnResult | None = None) -> list[Features]:
+        await self.start()
+        self._require(Capability.FEATURES)
+        requests = list(requests)
+        size = self.settings.prompts_per_request  # every OpenAI-compatible embeddings route takes a list of inputs
+        units = [list(range(start, min(start + size, len(requests)))) for start in range(0, len(requests), size)]
+        return await self._fan_out(requests, units, len, self._features_unit, on_result)
+
     def _label_units(self, requests: list[LabelScoreRequest]) -> list[list[int]]:
         """Consecutive requests, up to `prompts_per_request` a unit; text and embedded prompts never share one."""
         units: list[list[int]] = []
@@ -334,6 +347,19 @@ class OpenAICompatBackend(CapabilityProbe):
                     logprobs.append(float(value) if value is not None else -math.inf)
             out.append(LabelScores(logprobs, int(p_tokens), int(c_tokens)))
         return out
+
+    async def _features_unit(self, unit: list[FeatureRequest]) -> list[Features]:
+        """One `/v1/embeddings` request for the texts of `unit`."""
+        body = self._embeddings_body([r.text for r in unit])
+        data = await self._request("POST", f"{self.base_url}/embeddings", body)
+        vectors = embeddings_of(data, len(unit), self.name)
+        sizes = [max(1, estimate_tokens(r.text)) for r in unit]
+        total = (data.get("usage") or {}).get("prompt_tokens")
+        tokens = split_total(int(total), sizes) if total is not None else sizes
+        return [Features.of(vector, n) for vector, n in zip(vectors, tokens, strict=True)]
+
+    def _embeddings_body(self, texts: list[str]) -> dict[str, Any]:
+        return self._body(input=texts, encoding_format="float")
 
     def _label_body(self, prompt: str | list[str] | dict[str, Any], k: int) -> dict[str, Any]:
         """A one-token scoring completion of `prompt`: text(s), or the input fields (`prompt_embeds`) themselves."""

@@ -2,7 +2,8 @@
 
 It finds the model id, whether one-token completions return log-probs (label scoring), whether the server honours
 `logprob_token_ids` (else the top-k it grants), whether `/tokenize` exists, whether one request may carry a list
-of prompts, and whether `prompt_embeds` answers match the text they embed (soft prompts).
+of prompts, whether `prompt_embeds` answers match the text they embed (soft prompts), and whether `/v1/embeddings`
+answers for the model (`features`).
 
 The `prompt_embeds` check reads the served model's embedding weights. A process that sends no soft prompt of its
 own (the API: it validates and queues jobs, workers run them) defers it (`defer_prompt_embeds`): `input_embeddings`
@@ -16,7 +17,7 @@ import logging
 import re
 from typing import Any
 
-from app.llm.openai_compat.responses import choices_of, first_top_logprobs, token_id_key
+from app.llm.openai_compat.responses import choices_of, embeddings_of, first_top_logprobs, token_id_key
 from app.llm.openai_compat.transport import BackendHTTPError
 from app.llm.port import BackendError, Capability
 
@@ -96,6 +97,10 @@ class CapabilityProbe:
             detail["prompt_embeds"] = embeds
             if embeds in ("ok", PROMPT_EMBEDS_NOT_PROBED):
                 caps.add(Capability.INPUT_EMBEDDINGS)
+        embeddings = await self._probe_embeddings(retries)
+        detail["embeddings"] = embeddings
+        if embeddings.startswith("ok"):
+            caps.add(Capability.FEATURES)
         self._detail = detail
         self._info = self._make_info(frozenset(caps))
         log.info("backend %s: model %s, capabilities %s, %s", self.name, model_id, sorted(caps), detail)
@@ -158,6 +163,22 @@ class CapabilityProbe:
                 f"({top_text}); embedding_weights do not look like the served model's"
             )
         return "ok"
+
+    async def _probe_embeddings(self, retries: int) -> str:
+        """'ok: N dimensions' when `/v1/embeddings` answers two texts with one vector each (a server that serves no
+        embeddings for this model refuses with a 4xx or 501); else why not."""
+        body = self._embeddings_body(["Hello", "The sky is"])
+        try:
+            data = await self._request("POST", f"{self.base_url}/embeddings", body, probe=True, max_retries=retries)
+        except BackendHTTPError as exc:
+            if exc.status >= 500 and exc.status != 501:
+                raise
+            return f"off: the server refused /v1/embeddings ({exc.status}: {exc.server_message[:200]})"
+        try:
+            vectors = embeddings_of(data, 2, self.name)
+        except BackendError as exc:
+            return f"off: {exc}"
+        return f"ok: {len(vectors[0])} dimensions"
 
     async def _probe_completion(self, body: dict, retries: int) -> dict | None:
         """A probe completion's answer, or None when the server refuses it with a 4xx."""

@@ -1,4 +1,4 @@
-"""Reading OpenAI-compatible answers: choices, first-position top log-probs, usage split across prompts."""
+"""Reading OpenAI-compatible answers: choices, first-position top log-probs, embeddings, usage split across prompts."""
 
 from __future__ import annotations
 
@@ -24,6 +24,21 @@ def first_top_logprobs(choice: dict) -> dict[str, float]:
         return {}
     first = top[0]
     return first if isinstance(first, dict) else {}
+
+
+def embeddings_of(data: Any, count: int, name: str) -> list[list[float]]:
+    """The `count` vectors of an `/v1/embeddings` answer, in `index` order; all of one size, all finite."""
+    items = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(items, list) or len(items) != count:
+        raise BackendError(f"{name}: {count} texts were answered with {len(items or [])} embeddings")
+    items = sorted((item for item in items if isinstance(item, dict)), key=lambda item: item.get("index", 0))
+    vectors = [item.get("embedding") for item in items]
+    ok = len(vectors) == count and all(
+        isinstance(v, list) and v and all(isinstance(x, int | float) and math.isfinite(x) for x in v) for v in vectors
+    )
+    if not ok or len({len(v) for v in vectors}) != 1:  # type: ignore[arg-type]
+        raise BackendError(f"{name}: the embeddings answer is not one list of finite numbers per text, all one size")
+    return [[float(x) for x in v] for v in vectors]  # type: ignore[union-attr]
 
 
 def token_id_key(key: str) -> int | None:

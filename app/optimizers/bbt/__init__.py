@@ -17,8 +17,9 @@ slot; its tokens are the soft prompt's placeholders: at most `prompt_length` of 
   split (or a seeded subset) in one batch per generation. Reported candidate scores are train accuracy.
 * Stage 2 (BBT-RGB): COBYLA (SciPy) from the best z for `budget2` evaluations (BBTv2: split over the layers).
 * Mixed initialisation (BBT-RGB, `demonstrations` > 0): the hard prompt is the instruction followed by that many
-  training examples as demonstrations (demonstrations.py); it takes the instruction's place everywhere (its tokens
-  are the `add` form's placeholders, the artifact's `text`), and the demonstrations are left out of the scoring set.
+  training examples as demonstrations (drawn and rendered by `app.evaluation.demonstrations`, which every method
+  shares); it takes the instruction's place everywhere (its tokens are the `add` form's placeholders, the
+  artifact's `text`), and the demonstrations are left out of the scoring set.
 * Per-layer step sizes (BBT-RGB, BBTv2 `sigma2`): layer 0's CMA-ES starts at `sigma`, the others at `sigma2`
   (or on a linear / exponential schedule between them); the projections keep `sigma` in their std, as BBT-RGB's.
 * The verbalizer ensemble (BBT-RGB's several words per label) is the task's: `Task.label_logprobs`.
@@ -38,8 +39,9 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field
 
+from app.evaluation.demonstrations import compose, pick_demonstrations, render_demonstration
 from app.evaluation.evaluator import SoftPrompt
-from app.evaluation.task import Example
+from app.evaluation.task import Example, Task
 from app.llm.port import Capability, ContinuousPrefix, PrefixKind
 from app.optimizers.base import (
     CandidateResult,
@@ -51,7 +53,6 @@ from app.optimizers.base import (
     subset_positions,
 )
 from app.optimizers.bbt.cmaes import CmaSearch, CmaSettings
-from app.optimizers.bbt.demonstrations import mixed_prompt, pick_demonstrations, render_demonstration
 from app.optimizers.bbt.projection import (
     ARTIFACT_VERSION,
     describe,
@@ -195,6 +196,18 @@ class _BlackBoxTuning(Optimizer):
         return label_task_problems(task, "soft prompts are trained on label log-probs")
 
     @classmethod
+    def prompt_extras(cls, params: MethodParams, task: Task, seed: int) -> tuple[str, str]:
+        """With `demonstrations` the initial and the best prompt both carry them after the instruction."""
+        count = getattr(params, "demonstrations", 0)
+        if not count:
+            return "", ""
+        train = task.split_examples("train")
+        positions = pick_demonstrations([ex.target for ex in train], task.labels or [], count, seed)
+        chars = getattr(params, "demonstration_chars", None)
+        block = compose("", [render_demonstration(task, train[i], chars) for i in positions], "instruction_first")
+        return block, block
+
+    @classmethod
     def prompt_from_artifact(cls, artifact: dict[str, Any]) -> SoftPrompt:
         return soft_prompt_from_artifact(artifact)
 
@@ -237,7 +250,7 @@ class _BlackBoxTuning(Optimizer):
             render_demonstration(task, train[i], self.params.demonstration_chars)
             for i in self.demonstration_positions(ctx)
         ]
-        return mixed_prompt(ctx.initial_prompt, shown)
+        return compose(ctx.initial_prompt, shown, layout="instruction_first")
 
     def start_name(self) -> str:
         k = self.params.demonstrations

@@ -36,6 +36,7 @@ from app.optimizers.base import (
     instruction_hash,
     train_subset_field,
 )
+from app.optimizers.demonstrations import DemonstrationsParams, demonstrations_field
 from app.optimizers.plum.edits import ALL_OPS, Cand, EditOp, Editor, llm_paraphraser
 from app.optimizers.plum.searches import Search, make_search
 
@@ -76,6 +77,7 @@ class PlumParams(MethodParams):
     paraphrase_temperature: float = Field(1.0, ge=0.0, le=2.0, description="Paraphrase sampling temperature.")
     paraphrase_max_tokens: int = Field(60, ge=4, le=1024, description="Max new tokens per paraphrase.")
     train_subset: int | None = train_subset_field("scoring_subset")
+    demonstrations: DemonstrationsParams | None = demonstrations_field()
 
 
 _PAPER: dict[str, Any] = {
