@@ -23,7 +23,7 @@ import httpx
 from app.settings import Settings
 from workers.embedded import create_embedded_app, embedded_settings
 
-ARMS = ("fewshot", "evaluate", "evaluate+demos", "opro")
+ARMS = ("fewshot", "evaluate", "evaluate+demos", "opro", "crosstune", "bbt")
 
 
 def arm(name: str, max_llm_calls: int) -> dict:
@@ -37,6 +37,8 @@ def arm(name: str, max_llm_calls: int) -> dict:
         return {"method": "evaluate", "name": "manual + 1 random demo/class", "params": demos, "budget": budget}
     if name == "opro":
         return {"method": "opro", "name": "opro small", "params": {"preset": "small"}, "budget": budget}
+    if name in ("crosstune", "bbt"):
+        return {"method": name, "name": f"{name} small", "params": {"preset": "small"}, "budget": budget}
     raise ValueError(f"unknown arm {name!r}")
 
 
