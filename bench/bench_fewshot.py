@@ -70,6 +70,8 @@ async def prompt_tokens_per_example(client: httpx.AsyncClient, job: dict, count_
     artifact = await client.get(f"/v1/jobs/{job['id']}/artifact")
     if artifact.status_code == 200:
         prompt = METHODS[job["method"]].prompt_from_artifact(artifact.json())
+    if not isinstance(prompt, str) and not hasattr(prompt, "prepare"):
+        return None  # not a text prompt (a CrossTune head, a soft prompt): no prompt tokens to count
     evaluator = Evaluator(task, None)  # type: ignore[arg-type]
     if not isinstance(prompt, str):
         await prompt.prepare(test)
