@@ -1,10 +1,11 @@
 """Demonstrations in prompts: rendering, drawing, leaving the scored example out, nearest-neighbour prompts and their
-artifacts; the `fewshot` method's successive halving; OPRO carrying a fixed set; the test reserve; and jobs through
-the API on the fake server (predict reproduces the dev score)."""
+artifacts; the `fewshot` method's successive halving; OPRO, APO and Plum carrying a fixed set; the test reserve; and
+jobs through the API on the fake server (predict reproduces the dev score)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +30,7 @@ from app.evaluation.task import Example, Task
 from app.jobs.engine import JobEngine, JobPlan, task_from_spec
 from app.jobs.models import StopReason
 from app.llm.port import BackendInfo, Capability, LabelScores
+from app.optimizers.apo import Apo, ApoParams
 from app.optimizers.base import OptimizerContext
 from app.optimizers.demonstrations import DemonstrationsParams
 from app.optimizers.evaluate import Evaluate, EvaluateParams
@@ -41,9 +43,12 @@ from app.optimizers.fewshot import (
     survivor_plan,
 )
 from app.optimizers.opro import Opro, OproParams
+from app.optimizers.plum import Plum, PlumParams
 from app.optimizers.registry import METHODS
 from app.usage import Usage
 from tests.conftest import label_job, wait_for_status
+from tests.test_apo import SMALL as APO_SMALL
+from tests.test_apo import ScriptedOptimizerLLM as ApoScriptedLLM
 from tests.test_engine import ListSink
 from tests.test_opro import ScriptedOptimizerLLM
 
@@ -414,6 +419,58 @@ async def test_opro_edits_the_instruction_while_every_scored_prompt_carries_the_
     assert [h["instruction"] for h in opro.history] == [c.details["instruction"] for c in candidates]
     meta = ctx.optimizer_llm.calls[-1][0].prompt
     assert "Proposal s1 i0" in meta and block not in meta
+
+
+def plum_llm():
+    """Plum's paraphraser: the OPRO test double, one reply for any seed."""
+    llm = ScriptedOptimizerLLM(5, default=lambda step, index: f"Decide yes or no, variant {step}-{index}.")
+    llm.by_seed = AnySeed()
+    return llm
+
+
+class AnySeed(dict):
+    def __getitem__(self, key):
+        return (0, 0)
+
+
+CARRIERS = {
+    "apo": lambda spec: (
+        Apo(ApoParams(**{**APO_SMALL, "rounds": 2, "minibatch_size": 6, "demonstrations": spec}), 5),
+        ApoScriptedLLM(),
+    ),
+    "plum": lambda spec: (
+        Plum(PlumParams(num_iterations=2, num_candidates=2, demonstrations=spec), 5),
+        plum_llm(),
+    ),
+}
+
+
+@pytest.mark.parametrize("method", sorted(CARRIERS))
+async def test_apo_and_plum_edit_the_instruction_while_every_scored_prompt_carries_the_set(method):
+    task = make_task()
+    train = task.split_examples("train")
+    scorer = DemoScorer()
+    spec = DemonstrationsParams(strategy="fixed", positions=[6, 2, 9])
+    optimizer, llm = CARRIERS[method](spec)
+    ctx = OptimizerContext(Evaluator(task, scorer), llm, "Answer.")  # type: ignore[arg-type]
+    reports = [await optimizer.step(ctx) for _ in range(optimizer.total_steps + 1)]
+    shown = [items(train[i].input)[0] for i in (6, 2, 9)]
+    assert scorer.prompts
+    for prompt in scorer.prompts:
+        *carried, query = items(prompt)
+        assert carried == [n for n in shown if n != query]  # the set, in order, less the example itself
+    block = compose("", [render_demonstration(task, train[i]) for i in (6, 2, 9)])
+    candidates = [c for r in reports for c in r.candidates]
+    assert len({c.details["instruction"] for c in candidates}) > 1  # the method did edit the instruction
+    for candidate in candidates:
+        assert candidate.details["demonstrations"] == [6, 2, 9]
+        assert candidate.prompt == block + "\n\n" + candidate.details["instruction"]
+        assert block not in candidate.details["instruction"]
+    assert candidates[0].details["instruction"] == "Answer."
+    # The method's own memory and its optimizer LLM saw instructions only.
+    assert block not in json.dumps(optimizer.state_dict())
+    meta = [request.prompt for call in llm.calls for request in call]
+    assert meta and not any(render_demonstration(task, train[i]) in m for m in meta for i in (6, 2, 9))
 
 
 # ---------------------------------------------------------------------------------------------------------
