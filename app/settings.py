@@ -85,6 +85,9 @@ class BackendSettings(BaseModel):
     threads: int | None = Field(default=None, ge=1)
     # "auto": bfloat16 where the CPU has native bf16 (avx512_bf16 / amx_bf16), else float32.
     dtype: Literal["float32", "bfloat16", "auto"] = "float32"
+    # Label scoring: prompts of one call that share a head of 32+ tokens (demonstrations, one instruction over many
+    # inputs) compute it once, as vLLM's prefix cache does across requests.
+    prefix_reuse: bool = True
 
 
 class QueueSettings(BaseModel):

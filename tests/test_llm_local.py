@@ -101,6 +101,73 @@ async def test_label_logprobs_concurrent_calls(backend: LocalBackend):
         assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs, strict=True)) < 1e-3
 
 
+DEMONSTRATIONS = (
+    "".join(
+        f"Text: {company} makes {thing}.\nCategory: Company\n\n"
+        for company, thing in [
+            ("Acme", "anvils"),
+            ("Globex", "lamps"),
+            ("Initech", "printers"),
+            ("Umbrella", "vaccines"),
+        ]
+    )
+    + "Text: The Nile flows through Egypt.\nCategory: Place\n\nClassify the text.\n"
+)
+INPUTS = ["Paris is a city.", "Toyota builds cars.", "The Alps are mountains.", "Nokia sold phones.", "Rome."]
+
+
+def record_forwards(backend: LocalBackend, monkeypatch) -> list[int]:
+    """Tokens each forward pass computes (rows x width of its new tokens)."""
+    computed: list[int] = []
+    forward = backend._forward  # noqa: SLF001
+
+    def counting(input_ids, *args, **kwargs):
+        computed.append(int(input_ids.numel()))
+        return forward(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(backend, "_forward", counting)
+    return computed
+
+
+@pytest.mark.parametrize("attention", ["rowwise", "sdpa"])
+async def test_a_shared_head_is_computed_once_and_scores_as_without_reuse(
+    backend: LocalBackend, attention, monkeypatch
+):
+    """Prompts carrying the same demonstrations run the demonstrations once; every score stays that of the prompt
+    run whole, whatever else is in the call (other heads, strangers, a prompt that is the head itself)."""
+    subject = backend
+    if attention != "rowwise":
+        subject = LocalBackend(
+            "test-sdpa", BackendSettings(kind="local", batch_size=4), MODEL_CACHE, attn_implementation=attention
+        )
+    try:
+        prompts = [f"{DEMONSTRATIONS}Text: {text}\nCategory:" for text in INPUTS]
+        prompts += [f"Pick a label.\n{DEMONSTRATIONS}Text: {text}\nCategory:" for text in INPUTS[:3]]
+        prompts += [DEMONSTRATIONS, PROMPTS[0], PROMPTS[1]]
+        requests = [LabelScoreRequest(p, (" Company", " Place", " City")) for p in prompts]
+        computed = record_forwards(subject, monkeypatch)
+        subject.prefix_reuse = False
+        whole = await subject.label_logprobs(requests)
+        whole_tokens, computed[:] = sum(computed), []
+        subject.prefix_reuse = True
+        seen: list[int] = []
+        reused = await subject.label_logprobs(requests, on_result=lambda i, r: seen.append(i))
+        assert sorted(seen) == list(range(len(requests)))
+        for a, b in zip(whole, reused, strict=True):
+            assert a.prompt_tokens == b.prompt_tokens  # usage counts every prompt token, as vLLM reports them
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-3)
+        # Two heads (the demonstrations; "Pick a label." + the demonstrations), each run once.
+        head = len(subject.tokenizer()(DEMONSTRATIONS).input_ids)
+        assert sum(computed) < whole_tokens - 4 * head
+        alone = [(await subject.label_logprobs([r]))[0] for r in requests[:2]]
+        for a, b in zip(alone, reused[:2], strict=True):
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-3)
+    finally:
+        subject.prefix_reuse = True
+        if subject is not backend:
+            await subject.aclose()
+
+
 async def test_generate_same_seed_same_text_alone_or_batched(backend: LocalBackend):
     sampled = GenerationRequest("Write one sentence about a lighthouse.", max_tokens=20, temperature=0.9, seed=7)
     greedy = GenerationRequest("Name a fruit.", max_tokens=16, system="Answer in a few words.")

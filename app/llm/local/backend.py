@@ -26,10 +26,12 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from app.llm.local import prefixes as prefixes_mod
+from app.llm.local import shared_prefix
 from app.llm.local.attention import ROWWISE_ATTENTION, register_rowwise_attention
 from app.llm.local.convert import SOURCE_FILE, convert_gguf, default_gguf_path, slug
 from app.llm.local.dtype import resolve_dtype
 from app.llm.local.sampling import SampleRow, choose
+from app.llm.local.shared_prefix import plan_shared_prefixes
 from app.llm.port import (
     FEATURE_POOLINGS,
     BackendError,
@@ -92,6 +94,7 @@ class LocalBackend:
         self.dtype = resolve_dtype(settings.dtype)
         self.attn_implementation = attn_implementation
         self.max_batch_tokens = max_batch_tokens
+        self.prefix_reuse = settings.prefix_reuse
         self._info = BackendInfo(
             name=name,
             kind="local",
@@ -178,22 +181,51 @@ class LocalBackend:
             prefix = requests[i].prefix
             return ("plain", 0) if prefix is None else (prefix.kind.value, prefix.length)
 
+        def verbalizers_of(chunk: list[int]) -> list[list[int | None]]:
+            return [[self._first_token_id(v) for v in requests[i].verbalizers] for i in chunk]
+
+        def emit(chunk: list[int], scores: list[list[float]]) -> None:
+            for i, logprobs in zip(chunk, scores, strict=True):
+                results[i] = LabelScores(logprobs=logprobs, prompt_tokens=length(i), completion_tokens=0)
+                if on_result is not None:
+                    on_result(i, results[i])
+
         groups: dict[tuple, list[int]] = {}
         for i in sorted(range(len(requests)), key=length, reverse=True):
             groups.setdefault(group(i), []).append(i)
+        plain = groups.get(("plain", 0), [])
+        if self.prefix_reuse and len(plain) > 1:
+            # Plain prompts sharing a long head (demonstrations, an instruction over many inputs) run it once.
+            heads, rest = plan_shared_prefixes([encoded[i] for i in plain])
+            groups[("plain", 0)] = [plain[k] for k in rest]
+            for head_length, members in heads:
+                rows = sorted((plain[k] for k in members), key=length, reverse=True)
+                head = encoded[rows[0]][:head_length]
+
+                def tail_length(i: int, head_length: int = head_length) -> int:
+                    return length(i) - head_length
+
+                head_layers = await self._run(functools.partial(self._head_sync, head, length(rows[0])))
+                for chunk in self._chunks(rows, tail_length):
+                    tails = [encoded[i][head_length:] for i in chunk]
+                    emit(
+                        chunk,
+                        await self._run(
+                            functools.partial(self._score_tails_sync, head_layers, tails, verbalizers_of(chunk))
+                        ),
+                    )
+                del head_layers
         for order in groups.values():
             for chunk in self._chunks(order, length):
                 ids = [encoded[i] for i in chunk]
-                verbalizer_ids = [[self._first_token_id(v) for v in requests[i].verbalizers] for i in chunk]
                 prefixes = [requests[i].prefix for i in chunk]
                 chunk_spans = [spans[i] for i in chunk]
-                scores = await self._run(
-                    functools.partial(self._score_sync, ids, verbalizer_ids, prefixes, chunk_spans)
+                emit(
+                    chunk,
+                    await self._run(
+                        functools.partial(self._score_sync, ids, verbalizers_of(chunk), prefixes, chunk_spans)
+                    ),
                 )
-                for i, logprobs in zip(chunk, scores, strict=True):
-                    results[i] = LabelScores(logprobs=logprobs, prompt_tokens=length(i), completion_tokens=0)
-                    if on_result is not None:
-                        on_result(i, results[i])
         return results  # type: ignore[return-value]
 
     async def generate(self, requests: list[GenerationRequest], on_result: OnResult | None = None) -> list[Generation]:
@@ -479,11 +511,8 @@ class LocalBackend:
         import torch
 
         prefixes = list(prefixes) if prefixes is not None else [None] * len(ids)
-        max_len = self._max_positions()
         for seq, prefix in zip(ids, prefixes, strict=True):
-            total = len(seq) + (prefix.length if prefix is not None else 0)
-            if total > max_len:
-                raise BackendError(f"prompt of {total} tokens is longer than the model's {max_len}")
+            self._check_length(len(seq) + (prefix.length if prefix is not None else 0))
         # An empty prompt still needs one position to predict from: a document boundary.
         ids = [seq if seq else [self._pad_id] for seq in ids]
         kind = prefixes[0].kind if prefixes[0] is not None else None
@@ -499,12 +528,40 @@ class LocalBackend:
                 logits = prefixes_mod.forward_deep_add(self, ids, prefixes, list(spans))
             else:
                 logits = self._forward_deep_prefix(ids, prefixes)
+        return self._verbalizer_logprobs(logits, verbalizer_ids)
+
+    @staticmethod
+    def _verbalizer_logprobs(logits, verbalizer_ids: list[list[int | None]]) -> list[list[float]]:
+        import torch
+
+        with torch.inference_mode():
             logprobs = torch.log_softmax(logits, dim=-1)
         out = []
         for b, wanted in enumerate(verbalizer_ids):
             row = logprobs[b]
             out.append([float(row[t]) if t is not None else float("-inf") for t in wanted])
         return out
+
+    def _check_length(self, total: int) -> None:
+        max_len = self._max_positions()
+        if total > max_len:
+            raise BackendError(f"prompt of {total} tokens is longer than the model's {max_len}")
+
+    def _head_sync(self, head: list[int], longest: int) -> list:
+        """The keys and values of a shared head (see `shared_prefix`); `longest` is its group's longest row."""
+        import torch
+
+        self._check_length(longest)
+        with torch.inference_mode():
+            return shared_prefix.head_cache(self, head)
+
+    def _score_tails_sync(self, head_layers: list, tails: list[list[int]], verbalizer_ids) -> list[list[float]]:
+        """Verbalizer log-probs of rows that continue a shared head whose keys and values are given."""
+        import torch
+
+        with torch.inference_mode():
+            logits = shared_prefix.forward_with_shared_prefix(self, head_layers, tails)
+        return self._verbalizer_logprobs(logits, verbalizer_ids)
 
     def _features_sync(self, ids: list[list[int]], poolings: list[str]) -> list[Any]:
         """One batch of `features`: float32 numpy vectors, one per row."""
