@@ -389,6 +389,51 @@ async def test_candidates_show_their_parent_and_a_word_diff(settings, db, browse
 
 
 @needs_browser
+async def test_a_prompt_with_demonstrations_shows_its_instruction_and_its_demonstrations(settings, db, browser):
+    """A candidate carrying demonstrations reads as its instruction plus its demonstrations; the diff compares
+    instructions, and the prompt as scored is one click away."""
+    block = "A bank in Ohio.\nCategory: Company\n\nA river in Peru.\nCategory: NaturalPlace"
+    job_id = await insert_job(
+        db,
+        "fewshot",
+        [
+            {"step": 0, "prompt": "Classify the text.", "score": 0.5,
+             "details": {"origin": "initial", "instruction": "Classify the text.", "demonstrations": []}},
+            {"step": 1, "prompt": f"{block}\n\nClassify the text carefully.", "score": 0.8,
+             "details": {"instruction": "Classify the text carefully.", "strategy": "random",
+                         "demonstrations": [4, 17]}},
+            {"step": 1, "prompt": "Classify the text. [3 nearest train examples per input]", "score": 0.7,
+             "details": {"instruction": "Classify the text.", "strategy": "nearest", "nearest": 3, "pool": 56}},
+        ],
+        spec={"initial_prompt": "Classify the text.", "budget": {"max_llm_calls": 100}},
+        initial={"prompt": "Classify the text.", "train_score": 0.5},
+        best={"prompt": f"{block}\n\nClassify the text carefully.", "train_score": 0.8},
+    )  # fmt: skip
+    async with served(settings) as url, tab(browser) as t:
+        page = t.page
+        await page.goto(f"{url}/#/jobs/{job_id}")
+        rows = page.locator("#candidate-table tbody tr")
+        await rows.nth(2).wait_for()
+        lines = await page.locator("#candidate-table .prompt-line").all_inner_texts()
+        assert lines == ["Classify the text.", "Classify the text carefully.", "Classify the text."]
+        notes = await page.locator("#candidate-table .demo-note").all_inner_texts()
+        assert [n.strip() for n in notes] == [
+            "+ no demonstrations",
+            "+ 2 demonstrations (train #4, #17)",
+            "+ 3 nearest train examples per input (of 56)",
+        ]
+        row = rows.nth(1)
+        await row.locator("summary").click()
+        assert await row.locator(".diff ins").all_inner_texts() == ["carefully"]
+        assert await row.locator(".diff del").all_inner_texts() == []
+        assert (await row.locator(".scored-prompt").inner_text()).startswith("A bank in Ohio.")
+        assert "(the instruction)" in await row.locator("details").inner_text()
+        await page.mouse.move(0, 0)
+        await screenshot(page, "candidates-demonstrations.png")
+        assert t.errors == []
+
+
+@needs_browser
 async def test_a_soft_prompt_job_shows_loss_curves_per_layer_and_its_artifact(settings, db, browser):
     """Running BBTv2 needs the local model, so the job is written to the database."""
     best = "[bbtv2 soft prompt: 2 layers]"

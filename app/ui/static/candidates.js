@@ -5,7 +5,9 @@ import { fmtScore, h, replace, tableWrap } from "./dom.js";
 
 const ROW_LIMIT = 200; // rows drawn before "Show all" (a soft-prompt job can have thousands)
 // Long or bulky details stay out of the summary column (they are in the row's expanded view).
-const SUMMARY_SKIP = new Set(["origin", "parent", "parent_id", "raw", "exemplars", "gradient"]);
+const SUMMARY_SKIP = new Set([
+  "origin", "parent", "parent_id", "raw", "exemplars", "gradient", "instruction", "demonstrations", "nearest", "pool",
+]);
 
 const COLUMNS = [
   { key: "id", label: "#", numeric: true },
@@ -41,6 +43,24 @@ export function resolveParents(candidates) {
     if (parent && parent.id !== c.id) parents.set(c.id, parent);
   }
   return parents;
+}
+
+// A prompt with demonstrations (fewshot, or a method carrying a set) is shown as its structure: the instruction,
+// which is what the method edits and what the diff compares, and what it shows before each input.
+function instructionOf(c) {
+  return typeof c?.details?.instruction === "string" ? c.details.instruction : null;
+}
+
+export function demonstrationNote(details) {
+  if (Number.isInteger(details?.nearest)) {
+    return `${details.nearest} nearest train examples per input (of ${details.pool ?? "?"})`;
+  }
+  const positions = details?.demonstrations;
+  if (!Array.isArray(positions)) return null;
+  if (positions.length === 0) return "no demonstrations";
+  const shown = positions.slice(0, 8).map((p) => `#${p}`).join(", ");
+  const more = positions.length > 8 ? `, … ${positions.length - 8} more` : "";
+  return `${positions.length} demonstration${positions.length === 1 ? "" : "s"} (train ${shown}${more})`;
 }
 
 function summary(details) {
@@ -186,15 +206,30 @@ export class CandidateTable {
     const parent = this.parents.get(c.id);
     const details = c.details || {};
     const unresolved = details.parent !== undefined && !parent ? `${details.parent}` : "–";
-    const base = parent ? parent.prompt : this.initialPrompt;
+    const instruction = instructionOf(c);
+    const note = instruction === null ? null : demonstrationNote(details);
+    const shown = instruction ?? c.prompt;
+    const base = parent ? (instructionOf(parent) ?? parent.prompt) : this.initialPrompt;
     const baseLabel = parent ? `parent #${parent.id}` : "the initial prompt";
+    const what = instruction === null ? "" : " (the instruction)";
     const expanded = h(
       "details",
       { open: this.open.has(c.id) },
-      h("summary", {}, h("span", { class: "prompt-line" }, c.prompt)),
-      details.origin === "initial" || c.prompt === base
-        ? h("p", { class: "muted small" }, `Same as ${baseLabel}.`)
-        : [h("p", { class: "muted small" }, `Diff against ${baseLabel}:`), renderDiff(base, c.prompt)],
+      h(
+        "summary",
+        {},
+        h("span", { class: "prompt-line" }, shown),
+        note ? h("span", { class: "demo-note muted small" }, ` + ${note}`) : null,
+      ),
+      details.origin === "initial" || shown === base
+        ? h("p", { class: "muted small" }, `Same as ${baseLabel}${what}.`)
+        : [h("p", { class: "muted small" }, `Diff against ${baseLabel}${what}:`), renderDiff(base, shown)],
+      instruction === null || c.prompt === instruction
+        ? null
+        : [
+            h("p", { class: "muted small" }, "The prompt as scored, demonstrations included:"),
+            h("pre", { class: "scored-prompt" }, c.prompt),
+          ],
       h("pre", { class: "details-json" }, JSON.stringify(details, null, 2)),
     );
     expanded.addEventListener("toggle", () => {
