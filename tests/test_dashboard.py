@@ -296,12 +296,27 @@ async def test_submit_form_shows_a_422_next_to_its_field(settings, app_client, b
         await page.locator("#f-params-preset").select_option("small")
         assert await page.locator("#f-params-optimizer_max_tokens").input_value() == "60"
         await page.locator("#f-params-steps").fill("1")
+        # Task options beyond the template: calibration and how demonstrations are shown (a bad template is a 422).
+        await page.locator("#f-task-calibration").select_option("cbm")
+        await page.locator("#f-task-demo_template").fill("{input} is a")
+        await page.locator("#f-task-demo_max_chars").fill("80")
+        await page.get_by_role("button", name="Submit job").click()
+        error = page.locator('[data-field="task.demo_template"] .field-error')
+        await error.wait_for()
+        assert "{target}" in await error.inner_text()
+        await page.locator("#f-task-demo_template").fill("{input} is a {target}.")
         await page.get_by_role("button", name="Submit job").click()
         await page.wait_for_url(f"{url}/#/jobs/*")
         job_id = page.url.rsplit("/", 1)[1]
         job = (await app_client.get(f"/v1/jobs/{job_id}")).json()
         assert job["method"] == "opro" and job["spec"]["params"]["steps"] == 1
         assert job["spec"]["params"]["optimizer_max_tokens"] == 60  # from the preset
+        task = job["spec"]["task"]
+        assert (task["calibration"], task["demo_template"], task["demo_max_chars"]) == (
+            "cbm",
+            "{input} is a {target}.",
+            80,
+        )
         # No worker here: the job stays queued until the page's cancel button ends it.
         await page.locator(".job-meta .status-queued").wait_for()
         await page.get_by_role("button", name="Cancel job").click()

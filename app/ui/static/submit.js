@@ -233,6 +233,27 @@ export async function submitView(main, { signal }) {
     const text = labelsField.control.value.trim();
     return text ? text.split(",").map((label) => label.trim()) : undefined;
   };
+  const calibrationField = selectField(
+    "task.calibration",
+    "Calibration",
+    [["", "none (default)"], ["cbm", "cbm"], ["contextual", "contextual"]],
+    {
+      hint:
+        "Label tasks scored by label log-probs: cbm divides p(label|input) by its mean over the inputs scored " +
+        'together; contextual by p(label|"N/A") for the same prompt. Predict applies the same.',
+    },
+  );
+  const demoTemplateField = textField("task.demo_template", "Demonstration template", {
+    hint:
+      "How a train example is shown as a demonstration (fewshot, or params.demonstrations): {input} and {target}. " +
+      "Empty: the template's query, then the answer as it is scored.",
+    placeholder: "{input}\nCategory: {target}",
+  });
+  const demoCharsField = numberField("task.demo_max_chars", "Demonstration input characters", {
+    min: 1,
+    integer: true,
+    hint: "A demonstration's input is cut to this many characters. Default: 150.",
+  });
   const split = {
     kind: selectField("task.split.kind", "Split kind", [["fraction", "fraction"], ["k_shot", "k_shot"]]),
     train: numberField("task.split.train", "Train share", { min: 0, max: 1, value: 0.5 }),
@@ -265,6 +286,9 @@ export async function submitView(main, { signal }) {
     metricField.element,
     templateField.element,
     labelsField.element,
+    calibrationField.element,
+    demoTemplateField.element,
+    demoCharsField.element,
     splitGroup.element,
   ]);
   const budgetGroup = new Group("budget", "Budget", h("div", { class: "param-grid" }, Object.values(budget).map((f) => f.element)));
@@ -277,6 +301,9 @@ export async function submitView(main, { signal }) {
     metricField,
     templateField,
     labelsField,
+    calibrationField,
+    demoTemplateField,
+    demoCharsField,
     ...Object.values(split),
     initialField,
     ...Object.values(budget),
