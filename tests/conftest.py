@@ -113,6 +113,33 @@ async def db(settings: Settings) -> AsyncIterator[Database]:
     await database.dispose()
 
 
+async def insert_job(db, method: str, candidates: list[dict], tenant: str = "default", **job_fields) -> str:
+    """A finished job written straight to the database, for what the fake LLM cannot run or does not produce. A
+    candidate's `dev_score`, if given, is stored as its dev evaluation."""
+    from app.jobs.models import Candidate, CandidateEvaluation, Job, JobStatus
+    from app.optimizers.base import instruction_hash
+
+    job_id = str(uuid.uuid4())
+    async with db.transaction() as session:
+        session.add(
+            Job(
+                id=job_id, tenant=tenant, method=method, status=JobStatus.SUCCEEDED.value, stop_reason="completed",
+                step=max(c["step"] for c in candidates), total_steps=max(c["step"] for c in candidates), attempts=1,
+                **{"spec": {}, **job_fields},
+            )
+        )  # fmt: skip
+        await session.flush()
+        for index, fields in enumerate(candidates):
+            dev_score = fields.get("dev_score")
+            fields = {k: v for k, v in fields.items() if k != "dev_score"}
+            candidate = Candidate(job_id=job_id, prompt_hash=instruction_hash(f"{index}"), **fields)
+            session.add(candidate)
+            if dev_score is not None:
+                await session.flush()
+                session.add(CandidateEvaluation(candidate_id=candidate.id, split="dev", score=dev_score, n_examples=8))
+    return job_id
+
+
 @pytest.fixture
 async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(settings)

@@ -21,9 +21,9 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from app.jobs.models import Artifact, Candidate, Job, JobStatus
+from app.jobs.models import Artifact
 from app.optimizers.base import instruction_hash
-from tests.conftest import label_job, served, wait_for_status
+from tests.conftest import insert_job, label_job, served, wait_for_status
 from tests.test_studies import study_body
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -350,23 +350,6 @@ async def test_with_api_keys_the_page_asks_for_a_key_before_showing_data(setting
             await page.goto(f"{url}/#/jobs/{job_id}")  # the event stream sends the key too
             await page.locator("#event-log li[data-event='state']").first.wait_for()
             assert t.unexpected_errors(401) == []
-
-
-async def insert_job(db, method: str, candidates: list[dict], **job_fields) -> str:
-    """A finished job written straight to the database, for what the fake LLM cannot run or does not produce."""
-    job_id = str(uuid.uuid4())
-    async with db.transaction() as session:
-        session.add(
-            Job(
-                id=job_id, tenant="default", method=method, status=JobStatus.SUCCEEDED.value, stop_reason="completed",
-                step=max(c["step"] for c in candidates), total_steps=max(c["step"] for c in candidates), attempts=1,
-                **job_fields,
-            )
-        )  # fmt: skip
-        await session.flush()
-        for index, candidate in enumerate(candidates):
-            session.add(Candidate(job_id=job_id, prompt_hash=instruction_hash(f"{index}"), **candidate))
-    return job_id
 
 
 @needs_browser

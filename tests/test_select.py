@@ -26,7 +26,7 @@ from app.optimizers.select import (
     ranking,
 )
 from app.usage import Usage
-from tests.conftest import label_job, wait_for_status
+from tests.conftest import insert_job, label_job, wait_for_status
 from tests.test_engine import TEMPLATE, ListSink, make_task
 
 
@@ -328,3 +328,54 @@ async def test_select_jobs_on_labeled_and_unlabeled_data(app_client, worker):
     assert response.status_code == 202, response.text
     job = await wait_for_status(app_client, response.json()["id"], {"succeeded", "failed"})
     assert job["status"] == "succeeded" and job["best"]["test_score"] is None, job
+
+
+async def test_candidates_of_earlier_jobs_join_on_submission(app_client, worker, db):
+    """`from_jobs`: each job's best distinct text prompts (dev score first, then train), stored in the job's spec."""
+    opro = await insert_job(
+        db,
+        "opro",
+        [
+            {"step": 0, "prompt": "Answer.", "score": 0.5, "dev_score": 0.5},
+            {"step": 1, "prompt": "Decide.", "score": 0.9},  # no dev score: after every candidate that has one
+            {"step": 1, "prompt": "Is it entailed?", "score": 0.6, "dev_score": 0.7},
+            {"step": 2, "prompt": "Is it entailed?", "score": 0.6, "dev_score": 0.7},  # again: once
+            {"step": 2, "prompt": "Say yes or no.", "score": 0.8, "dev_score": 0.6},
+        ],
+    )
+    fewshot = await insert_job(
+        db,
+        "fewshot",
+        [
+            {"step": 0, "prompt": "Answer.", "score": 0.5, "details": {"instruction": "Answer."}},
+            {"step": 1, "prompt": "Answer. [4 nearest]", "score": 0.9, "details": {"nearest": 4, "pool": 24}},
+            {"step": 1, "prompt": "A\nAnswer: yes\n\nAnswer.", "score": 0.7, "details": {"demonstrations": [3]}},
+        ],
+    )
+    bbt = await insert_job(db, "bbt", [{"step": 1, "prompt": "soft prompt (50 vectors)", "score": 0.9}])
+    foreign = await insert_job(db, "opro", [{"step": 0, "prompt": "Theirs.", "score": 0.9}], tenant="other")
+
+    params = {"candidates": ["Think."], "from_jobs": [{"job_id": opro, "top": 3}, {"job_id": fewshot}]}
+    estimate = await app_client.post("/v1/jobs/estimate", json=select_job(params=params))
+    assert estimate.status_code == 200, estimate.text
+    response = await app_client.post("/v1/jobs", json=select_job(params=params))
+    assert response.status_code == 202, response.text
+    job = await wait_for_status(app_client, response.json()["id"], {"succeeded", "failed"})
+    assert job["status"] == "succeeded", job
+    expected = ["Think.", "Is it entailed?", "Say yes or no.", "Answer.", "A\nAnswer: yes\n\nAnswer."]
+    assert job["spec"]["params"]["candidates"] == expected
+    assert job["spec"]["params"]["from_jobs"] == [{"job_id": opro, "top": 3}, {"job_id": fewshot, "top": 10}]
+    scored = {c["prompt"] for c in (await app_client.get(f"/v1/jobs/{job['id']}/candidates")).json()["items"]}
+    assert set(expected) <= scored
+
+    # Only candidates from jobs: enough on its own.
+    response = await app_client.post("/v1/jobs/estimate", json=select_job(params={"from_jobs": [{"job_id": opro}]}))
+    assert response.status_code == 200, response.text
+
+    for source, fragment in ((bbt, "not text prompts"), (foreign, "no job"), ("nope", "no job")):
+        body = select_job(params={"from_jobs": [{"job_id": opro}, {"job_id": source}]})
+        response = await app_client.post("/v1/jobs", json=body)
+        assert response.status_code == 422 and locs(response) == ["body.params.from_jobs.1.job_id"], response.text
+        assert fragment in response.text
+    response = await app_client.post("/v1/jobs", json=select_job(params={"from_jobs": [{"job_id": opro, "top": 0}]}))
+    assert response.status_code == 422 and locs(response) == ["body.params.from_jobs.0.top"]

@@ -198,6 +198,22 @@ class JobRepository:
                 evaluations[ev.candidate_id][ev.split] = ev.score
         return [(row, evaluations[row.id]) for row in rows], next_cursor
 
+    async def ranked_candidates(self, job_id: str) -> list[tuple[str, dict]]:
+        """A job's candidates as (prompt, details), best first: by dev score where measured, then by train score."""
+        dev = (
+            sa.select(CandidateEvaluation.candidate_id, sa.func.max(CandidateEvaluation.score).label("score"))
+            .where(CandidateEvaluation.split == "dev")
+            .group_by(CandidateEvaluation.candidate_id)
+            .subquery()
+        )
+        query = (
+            sa.select(Candidate.prompt, Candidate.details)
+            .outerjoin(dev, dev.c.candidate_id == Candidate.id)
+            .where(Candidate.job_id == job_id)
+            .order_by(dev.c.score.desc().nulls_last(), Candidate.score.desc(), Candidate.id)
+        )
+        return [(prompt, details or {}) for prompt, details in (await self.session.execute(query)).all()]
+
     async def counts_by_status(self) -> dict[str, int]:
         rows = await self.session.execute(sa.select(Job.status, sa.func.count()).group_by(Job.status))
         return {status: count for status, count in rows.all()}

@@ -6,6 +6,8 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pydantic import ValidationError
+
 from app.cache.store import CacheStore, DurableCacheStore
 from app.datasets.repository import DatasetRepository
 from app.datasets.service import BUILTIN_PREFIX, builtin_task, resolve_examples, resolve_task_examples
@@ -59,6 +61,7 @@ async def submit_job(
 ) -> tuple[Job, list[str]]:
     """Validate and store a job; returns it with the warnings a client should see (not errors: it was accepted).
     `study`: the study and arm index the job is a run of."""
+    await resolve_candidate_sources(payload, jobs=jobs, tenant=tenant)
     spec, plan = await plan_job(payload, datasets=datasets, registry=registry, tenant=tenant)
     spec["webhook"] = await resolve_webhook(spec.get("webhook"), tenant, webhooks)
     method = spec["method"]
@@ -87,6 +90,37 @@ async def submit_job(
     for warning in warnings:
         await jobs.add_event(job.id, "warning", {"message": warning})
     return job, warnings
+
+
+async def resolve_candidate_sources(payload: JobCreateBase, *, jobs: JobRepository, tenant: str) -> None:
+    """`params.from_jobs` (method `select`): each source job's `top` distinct text candidates, best first, are
+    appended to `params.candidates`, so the stored job lists every prompt it chooses among and the worker reads no
+    other job."""
+    params = getattr(payload, "params", None)
+    sources = getattr(params, "from_jobs", None)
+    if not sources:
+        return
+    prompts = list(params.candidates)  # type: ignore[union-attr]
+    for index, source in enumerate(sources):
+        loc = ["params", "from_jobs", index, "job_id"]
+        job = await jobs.get(source.job_id, tenant)
+        if job is None:
+            raise InvalidPayload(loc, f"no job {source.job_id!r}")
+        method = METHODS.get(job.method)
+        ranked = await jobs.ranked_candidates(job.id)
+        texts = [prompt for prompt, details in ranked if method is None or method.text_candidate(details)]
+        if not texts:
+            why = "it has no candidates yet" if not ranked else f"its {job.method} candidates are not text prompts"
+            raise InvalidPayload(loc, f"job {job.id} gives no text candidates: {why}")
+        prompts.extend(list(dict.fromkeys(texts))[: source.top])
+    merged = list(dict.fromkeys(prompts))
+    try:
+        payload.params = type(params).model_validate({**params.model_dump(), "candidates": merged})  # type: ignore[attr-defined]
+    except ValidationError as error:
+        raise InvalidPayload(
+            ["params", "from_jobs"],
+            f"{len(merged)} distinct candidates in all: {error.errors()[0]['msg']}; lower `top`",
+        ) from None
 
 
 async def plan_job(
@@ -506,6 +540,7 @@ async def estimate_job(
     payload: JobCreateBase, *, jobs: JobRepository, datasets: DatasetRepository, registry: BackendRegistry, tenant: str
 ) -> JobEstimate:
     """A dry run: the job validated as on submission, and what it is expected to cost."""
+    await resolve_candidate_sources(payload, jobs=jobs, tenant=tenant)
     spec, plan = await plan_job(payload, datasets=datasets, registry=registry, tenant=tenant)
     task = plan.task
     sizes = {split: len(task.split_examples(split)) for split in ("train", "dev", "test")}

@@ -204,6 +204,12 @@ class Optimizer(ABC):
         raise ValueError(f"method {cls.method!r} has text prompts, not artifacts")
 
     @classmethod
+    def text_candidate(cls, details: dict[str, Any]) -> bool:
+        """Whether a stored candidate of this method is a text prompt that another job can use as it is (not a
+        soft prompt, a head or a per-input prompt, which live in artifacts)."""
+        return True
+
+    @classmethod
     def check_task(cls, task: dict[str, Any]) -> list[tuple[list[str], str]]:
         """Problems with a (resolved) task spec for this method, as (field path under `task`, message)."""
         return []

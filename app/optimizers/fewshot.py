@@ -243,6 +243,10 @@ class Fewshot(Optimizer):
         return candidate.step + candidate.score
 
     @classmethod
+    def text_candidate(cls, details: dict[str, Any]) -> bool:
+        return "nearest" not in details  # nearest-neighbour demonstrations are chosen per input
+
+    @classmethod
     def prompt_from_artifact(cls, artifact: dict[str, Any]) -> Prompt:
         return NearestDemonstrations.from_artifact(artifact)
 

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.evaluation.calibration import argmax_labels, cbm, label_distribution
 from app.evaluation.evaluator import LabelTable, PromptScore
@@ -126,12 +126,37 @@ def oriented(value: float, criterion: str) -> float:
 # The method
 
 
+class CandidateSource(BaseModel):
+    """An earlier job whose best text candidates join `candidates` when the job is submitted."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str = Field(max_length=64, description="A job of the same tenant, in any state.")
+    top: int = Field(
+        10,
+        ge=1,
+        le=1000,
+        description="How many of its candidates: distinct text prompts, by dev score where it was measured, then by "
+        "train score.",
+    )
+
+
+MAX_CANDIDATES = 1000
+
+
 class SelectParams(MethodParams):
     candidates: list[Annotated[str, Field(max_length=200_000)]] = Field(
         default_factory=list,
-        max_length=1000,
+        max_length=MAX_CANDIDATES,
         description="The prompts to choose among, besides the initial prompt (which is always a candidate, the "
-        "first). Duplicates are scored once. At least one is needed.",
+        "first). Duplicates are scored once. At least one is needed, here or from `from_jobs`.",
+    )
+    from_jobs: list[CandidateSource] = Field(
+        default_factory=list,
+        max_length=50,
+        description="Earlier jobs whose candidates are added to `candidates` on submission (the stored job lists "
+        "them): their `top` distinct text prompts each. Soft prompts, CrossTune heads and per-input "
+        "demonstrations are not text and are skipped.",
     )
     criterion: Criterion = Field(
         "mi",
@@ -187,7 +212,13 @@ class Select(Optimizer):
     @classmethod
     def check_params(cls, params: MethodParams) -> list[tuple[list[str], str]]:
         if not getattr(params, "candidates", None):
-            return [(["candidates"], "select needs at least one candidate prompt besides the initial prompt")]
+            return [
+                (
+                    ["candidates"],
+                    "select needs at least one candidate prompt besides the initial prompt (in candidates, or from "
+                    "from_jobs)",
+                )
+            ]
         return []
 
     @classmethod

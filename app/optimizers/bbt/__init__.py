@@ -208,6 +208,10 @@ class _BlackBoxTuning(Optimizer):
         return block, block
 
     @classmethod
+    def text_candidate(cls, details: dict[str, Any]) -> bool:
+        return False  # its candidates are described, not given, by their text
+
+    @classmethod
     def prompt_from_artifact(cls, artifact: dict[str, Any]) -> SoftPrompt:
         return soft_prompt_from_artifact(artifact)
 

@@ -181,6 +181,10 @@ class CrossTune(Optimizer):
         return 1
 
     @classmethod
+    def text_candidate(cls, details: dict[str, Any]) -> bool:
+        return False  # its candidates are described, not given, by their text
+
+    @classmethod
     def prompt_from_artifact(cls, artifact: dict[str, Any]) -> HeadPredictor:
         return HeadPredictor.from_artifact(artifact)
 
