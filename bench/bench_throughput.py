@@ -78,6 +78,20 @@ def scenarios(tag: str) -> dict[str, Scenario]:
             "the same, one prompt a request", [opro(3, "paper", tag=tag + " b")], backend={"prompts_per_request": 1}
         ),
         "apo_small": Scenario("APO small", [method_job("apo", {"preset": "small"}, tag + " c")]),
+        # Demonstrations make prompts long: the same OPRO run bare and carrying one demonstration per class, and
+        # `fewshot`. (The simulated server prefills every prompt token; vLLM's prefix cache would skip the shared
+        # block, so these bounds are upper bounds for a real server.)
+        "opro_small": Scenario("OPRO small, 4 steps", [opro(4, "small", tag=tag + " l")]),
+        "opro_small_demos": Scenario(
+            "the same, carrying 1 demonstration per class",
+            [
+                {
+                    **opro(4, "small", tag=tag + " m"),
+                    "params": {"preset": "small", "steps": 4, "demonstrations": {"k_per_class": 1}},
+                }
+            ],
+        ),  # fmt: skip
+        "fewshot_small": Scenario("fewshot small", [method_job("fewshot", {"preset": "small"}, tag + " n")]),
         "plum_small": Scenario("Plum small", [method_job("plum", {"preset": "small"}, tag + " d")]),
         "claps_small": Scenario("ClaPS small", [method_job("claps", {"preset": "small"}, tag + " e")]),
         "bbt_small": Scenario(
@@ -133,8 +147,11 @@ def settings_for(database_url: str, redis_url: str, sim_url: str, weights: str, 
     )
 
 
-def result_row(scenario: str, stats: dict, wall: float, calls: int, cpu: float) -> dict:
-    """One table row: the server's bound and counters for the work, the client's wall time and CPU seconds."""
+def result_row(
+    scenario: str, stats: dict, wall: float, calls: int, cpu: float, prompt_tokens: int | None = None
+) -> dict:
+    """One table row: the server's bound and counters for the work, the client's wall time and CPU seconds, and
+    the jobs' prompt tokens per call where jobs ran."""
     return {
         "scenario": scenario,
         "bound_s": stats["bound_s"],
@@ -144,6 +161,7 @@ def result_row(scenario: str, stats: dict, wall: float, calls: int, cpu: float) 
         "requests": stats["requests"],
         "mean_batch": stats["mean_batch"],
         "cpu_ms_per_call": round(1000 * cpu / max(1, calls), 3),
+        "prompt_tokens_per_call": None if prompt_tokens is None else round(prompt_tokens / max(1, calls)),
     }
 
 
@@ -208,7 +226,8 @@ async def run_scenario(scenario: Scenario, database_url: str, redis_url: str, si
         raise RuntimeError(f"{scenario.name}: jobs failed: {failed}\n{logs.read()[-3000:].decode(errors='replace')}")
     wall = max(_time(j["finished_at"]) for j in jobs) - min(_time(j["started_at"]) for j in jobs)
     calls = sum(j["usage"]["llm_calls"] for j in jobs)
-    return result_row(scenario.name, stats, wall, calls, cpu)
+    prompt_tokens = sum(j["usage"]["prompt_tokens"] for j in jobs)
+    return result_row(scenario.name, stats, wall, calls, cpu, prompt_tokens)
 
 
 async def bare_client(sim_url: str, total: int, in_flight: int, per_request: int) -> dict:
@@ -334,12 +353,16 @@ def start_sim(extra: list[str]) -> tuple[subprocess.Popen, str]:
 
 
 def table(rows: list[dict]) -> str:
-    head = "| scenario | bound s | wall s | efficiency | LLM calls | HTTP requests | mean batch | worker CPU ms/call |"
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    head = (
+        "| scenario | bound s | wall s | efficiency | LLM calls | HTTP requests | mean batch | worker CPU ms/call "
+        "| prompt tokens/call |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        per_call = r.get("prompt_tokens_per_call")
         lines.append(
             f"| {r['scenario']} | {r['bound_s']} | {r['wall_s']} | **{r['efficiency']}** | {r['calls']} | "
-            f"{r['requests']} | {r['mean_batch']} | {r['cpu_ms_per_call']} |"
+            f"{r['requests']} | {r['mean_batch']} | {r['cpu_ms_per_call']} | {'–' if per_call is None else per_call} |"
         )
     return "\n".join(lines)
 
