@@ -473,6 +473,65 @@ async def test_apo_and_plum_edit_the_instruction_while_every_scored_prompt_carri
     assert meta and not any(render_demonstration(task, train[i]) in m for m in meta for i in (6, 2, 9))
 
 
+async def test_a_searched_set_is_the_best_draw_on_the_scoring_set_and_is_kept_through_a_resume():
+    """`strategy: search`: distinct seeded draws scored with the initial instruction in one batch; the best one (by
+    an independent scoring) is carried by every later prompt, reported on the initial candidate and kept in the
+    state, so a resumed run neither searches again nor changes set."""
+    task = make_task()
+    spec = DemonstrationsParams(strategy="search", sets=5, k_per_class=2)
+    params = OproParams(steps=2, candidates_per_step=2, exemplars_per_step=1, demonstrations=spec)
+
+    async def run(seed: int):
+        scorer = DemoScorer()
+        ctx = OptimizerContext(Evaluator(task, scorer), ScriptedOptimizerLLM(seed), "Answer.")  # type: ignore[arg-type]
+        opro = Opro(params, seed)
+        first = await opro.step(ctx)
+        return opro, ctx, scorer, first
+
+    opro, ctx, scorer, first = await run(5)
+    sets = first.candidates[0].details["demonstration_search"]
+    assert len(sets) == 5 and len({tuple(s["demonstrations"]) for s in sets}) == 5
+    train = task.split_examples("train")
+    for entry in sets:  # each set: k_per_class of each label
+        assert sorted(train[i].target for i in entry["demonstrations"]) == ["no", "no", "yes", "yes"]
+    # An independent scoring of every draw picks the same set.
+    fresh = Evaluator(task, DemoScorer())
+    draws = [FixedDemonstrations("Answer.", demonstrations_of(task, e["demonstrations"])) for e in sets]
+    scores = [x.score for x in await fresh.score(draws, "train")]
+    assert [e["score"] for e in sets] == scores
+    chosen = sets[max(range(5), key=lambda i: (scores[i], -i))]["demonstrations"]
+    assert first.candidates[0].details["demonstrations"] == chosen
+    assert first.candidates[0].score == max(scores)
+    # Deterministic per seed; another seed draws other sets.
+    again = (await run(5))[3].candidates[0].details["demonstration_search"]
+    other = (await run(6))[3].candidates[0].details["demonstration_search"]
+    assert again == sets and [e["demonstrations"] for e in other] != [e["demonstrations"] for e in sets]
+
+    # Resume after step 0: no new search, the same set on every later prompt.
+    state = json.loads(json.dumps(opro.state_dict()))
+    resumed = Opro(params, 5)
+    resumed.load_state_dict(state)
+    scorer.prompts.clear()
+    reports = [await resumed.step(ctx) for _ in range(2)]
+    shown = [items(train[i].input)[0] for i in chosen]
+    assert scorer.prompts
+    for prompt in scorer.prompts:
+        *carried, query = items(prompt)
+        assert carried == [n for n in shown if n != query]
+    for candidate in (c for r in reports for c in r.candidates):
+        assert candidate.details["demonstrations"] == chosen and "demonstration_search" not in candidate.details
+
+    # Its cost is counted before the run, and its reserve covers any set it could choose.
+    n_train = len(train)
+    plain = OproParams(steps=2, candidates_per_step=2, exemplars_per_step=1)
+    assert Opro.expected_calls(params, n_train, 12) == Opro.expected_calls(plain, n_train, 12) + 5 * n_train
+    assert Opro.initial_calls(params, n_train, 12) == Opro.initial_calls(plain, n_train, 12) + 5 * n_train
+    block = Opro.prompt_extras(params, task, 5)[0]
+    assert len(block) >= len(compose("", [render_demonstration(task, train[i]) for i in chosen]))
+    with pytest.raises(ValidationError, match="positions go with strategy 'fixed'"):
+        DemonstrationsParams(strategy="search", positions=[1])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Through the API, on the fake server
 
@@ -578,3 +637,27 @@ async def test_an_opro_job_carries_a_random_set_through_the_api(app_client, work
     block = compose("", [render_demonstration(task, train[i]) for i in positions])
     assert all(c["prompt"].startswith(block) for c in listed)
     assert job["initial"]["prompt"].startswith(block) and job["best"]["test_score"] is not None
+
+
+async def test_an_apo_job_searches_its_set_through_the_api(app_client, worker):
+    def apo_job(**params) -> dict:
+        body = label_job(method="apo")
+        body["params"] = {"preset": "small", "rounds": 1, **params}
+        return body
+
+    body = apo_job(demonstrations={"strategy": "search", "sets": 3, "k_per_class": 1})
+    estimate = (await app_client.post("/v1/jobs/estimate", json=body)).json()
+    plain = (await app_client.post("/v1/jobs/estimate", json=apo_job())).json()
+    assert estimate["expected_llm_calls"] == plain["expected_llm_calls"] + 3 * estimate["split"]["train"]
+    response = await app_client.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    job = await wait_for_status(app_client, response.json()["id"], {"succeeded", "failed"})
+    assert job["status"] == "succeeded", job
+    listed = (await app_client.get(f"/v1/jobs/{job['id']}/candidates?order=step")).json()["items"]
+    (positions,) = _carried_positions(listed)
+    (initial,) = [c for c in listed if "demonstration_search" in c["details"]]
+    searched = initial["details"]["demonstration_search"]
+    assert len(searched) == 3 and list(positions) == max(searched, key=lambda s: s["score"])["demonstrations"]
+    bad = apo_job(demonstrations={"strategy": "search", "sets": 1})
+    response = await app_client.post("/v1/jobs", json=bad)
+    assert response.status_code == 422 and "params.demonstrations.sets" in response.text

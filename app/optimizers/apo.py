@@ -42,7 +42,7 @@ from app.optimizers.base import (
     instruction_hash,
     settle,
 )
-from app.optimizers.demonstrations import DemonstrationsParams, demonstrations_field
+from app.optimizers.demonstrations import DemonstrationsParams, demonstrations_field, search_calls
 
 Expansion = Literal["random", "reject_on_errors"]
 
@@ -331,7 +331,7 @@ class Apo(Optimizer):
             parents = 1 if rnd == 1 else p.beam_size
             arms = parents * (1 + p.max_expansion_factor)
             total += parents * min(p.minibatch_size, n_train) + parents * per_parent_requests + selection(arms)
-        return total + (p.rounds + 1) * n_dev
+        return total + (p.rounds + 1) * n_dev + search_calls(p, cls.scoring_set_size(p, n_train))
 
     # -- state ------------------------------------------------------------------------------------------
 

@@ -25,11 +25,21 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
+from app.evaluation.demonstrations import FixedDemonstrations, demonstrations_of, longest_block
 from app.evaluation.evaluator import Evaluator, Prompt, PromptScore
 from app.evaluation.task import Example, Task
 from app.llm.metered import MeteredLLM
 from app.llm.port import Capability
-from app.optimizers.demonstrations import CarriedDemonstrations, CarryingEvaluator, carried_spec, split_problems
+from app.optimizers.demonstrations import (
+    CarriedDemonstrations,
+    CarryingEvaluator,
+    DemonstrationsParams,
+    carried_spec,
+    draw,
+    search_calls,
+    set_size,
+    split_problems,
+)
 
 
 class MethodParams(BaseModel):
@@ -144,6 +154,10 @@ def _seed_entropy(seed: int) -> int:
     return int(seed) % (2**63)
 
 
+# Key of the carried demonstration search's draws (other purposes use their own keys).
+_SEED_DEMONSTRATION_SEARCH = 91
+
+
 def derived_rng(seed: int, *keys: int) -> np.random.Generator:
     """A generator that depends only on (job seed, keys) - never on what ran before - so a resumed step
     replays exactly."""
@@ -195,8 +209,10 @@ class Optimizer(ABC):
         # Positions inside the train split that form the scoring set (None: not chosen yet).
         self.scoring_positions: list[int] | None = None
         # `params.demonstrations` (text methods): the set every scored prompt carries, drawn from the task when the
-        # first step runs (derived from the task and seeds, so never part of the state).
+        # first step runs (derived from the task and seeds, so never part of the state) ...
         self._carried: CarriedDemonstrations | None = None
+        # ... except a searched set: the sets compared and the one chosen, kept in the state.
+        self._demonstration_search: dict[str, Any] | None = None
 
     @classmethod
     def prompt_from_artifact(cls, artifact: dict[str, Any]) -> Prompt:
@@ -227,7 +243,10 @@ class Optimizer(ABC):
         spec = carried_spec(params)
         if spec is None:
             return "", ""
-        block = CarriedDemonstrations(spec, task, seed).block()
+        if spec.strategy == "search":  # not chosen yet: the longest set it could carry
+            block = longest_block(task, set_size(spec, task), spec.layout)
+        else:
+            block = CarriedDemonstrations(spec, task, seed).block()
         return block, block
 
     @classmethod
@@ -252,8 +271,9 @@ class Optimizer(ABC):
     @classmethod
     def initial_calls(cls, params: MethodParams, n_train: int, n_dev: int) -> int:
         """About how many LLM calls step 0 makes with its dev selection (for progress): by default the initial
-        prompt on the scoring set and on dev."""
-        return cls.scoring_set_size(params, n_train) + n_dev
+        prompt on the scoring set and on dev, after the demonstration search if there is one."""
+        size = cls.scoring_set_size(params, n_train)
+        return size + n_dev + search_calls(params, size)
 
     @staticmethod
     def scoring_set_size(params: MethodParams, n_train: int) -> int:
@@ -280,6 +300,10 @@ class Optimizer(ABC):
         if self.done:
             raise RuntimeError(f"{self.method}: the run is already complete")
         step = self.steps_done
+        spec = carried_spec(self.params)
+        searched = spec is not None and spec.strategy == "search" and self._demonstration_search is None
+        if searched:
+            self._demonstration_search = await self.search_demonstrations(ctx, spec)  # type: ignore[arg-type]
         carried = self.carried_demonstrations(ctx)
         if carried is not None:
             evaluator: Any = CarryingEvaluator(ctx.evaluator, carried)
@@ -287,8 +311,29 @@ class Optimizer(ABC):
         report = await (self.initial_step(ctx) if step == 0 else self.search_step(ctx, step))
         if carried is not None:
             carried.decorate(report.candidates)
+        if searched and report.candidates:
+            report.candidates[0].details["demonstration_search"] = self._demonstration_search["sets"]  # type: ignore[index]
         self.steps_done += 1
         return report
+
+    async def search_demonstrations(self, ctx: OptimizerContext, spec: DemonstrationsParams) -> dict[str, Any]:
+        """`params.demonstrations.strategy: search`: `sets` distinct stratified draws, each scored with the initial
+        instruction on the scoring set in one batch; the best (the earlier draw on a tie) is carried from then on."""
+        task = ctx.evaluator.task
+        seed = self.seed if spec.seed is None else spec.seed
+        draws: list[list[int]] = []
+        for index in range(spec.sets):
+            positions = draw(spec, task, derived_seed(seed, _SEED_DEMONSTRATION_SEARCH, index))
+            if positions not in draws:
+                draws.append(positions)
+        prompts: list[Prompt] = [
+            FixedDemonstrations(ctx.initial_prompt, demonstrations_of(task, positions), spec.layout)
+            for positions in draws
+        ]
+        scores = await ctx.evaluator.score(prompts, "train", self.scoring_examples(ctx))
+        best = max(range(len(draws)), key=lambda i: (scores[i].score, -i))
+        sets = [{"demonstrations": d, "score": s.score} for d, s in zip(draws, scores, strict=True)]
+        return {"chosen": draws[best], "sets": sets}
 
     def carried_demonstrations(self, ctx: OptimizerContext) -> CarriedDemonstrations | None:
         """The demonstration set of `params.demonstrations` (None without): the method sees instructions, every
@@ -298,7 +343,8 @@ class Optimizer(ABC):
         if spec is None:
             return None
         if self._carried is None:
-            self._carried = CarriedDemonstrations(spec, ctx.evaluator.task, self.seed)
+            chosen = None if self._demonstration_search is None else self._demonstration_search["chosen"]
+            self._carried = CarriedDemonstrations(spec, ctx.evaluator.task, self.seed, chosen)
         return self._carried
 
     async def initial_step(self, ctx: OptimizerContext) -> StepReport:
@@ -335,13 +381,18 @@ class Optimizer(ABC):
     def _load_state(self, state: dict[str, Any]) -> None: ...
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps_done": self.steps_done, "scoring_positions": self.scoring_positions, "method": self._state()}
+        state = {"steps_done": self.steps_done, "scoring_positions": self.scoring_positions, "method": self._state()}
+        if self._demonstration_search is not None:
+            state["demonstration_search"] = self._demonstration_search
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps_done = state["steps_done"]
         # Checkpoints written before the scoring set moved into the base class kept it in the method's state.
         positions = state.get("scoring_positions", state["method"].get("scoring_positions"))
         self.scoring_positions = None if positions is None else [int(p) for p in positions]
+        self._demonstration_search = state.get("demonstration_search")
+        self._carried = None
         self._load_state(state["method"])
 
 

@@ -12,7 +12,9 @@ every prompt it has scored carries the same demonstrations (`app.evaluation.demo
   `details` record the `instruction` and the `demonstrations` (train-split positions, in the order shown).
 
 The set is drawn once per job from the train split - stratified, `k_per_class` of each label (`random`, seeded by
-`seed` or the job's seed) - or given as train positions (`fixed`).
+`seed` or the job's seed) - given as train positions (`fixed`), or searched (`search`: `sets` such draws are scored
+with the initial instruction on the method's scoring set before its first step, and the best is carried; see
+`Optimizer.search_demonstrations`).
 """
 
 from __future__ import annotations
@@ -44,23 +46,33 @@ class DemonstrationsParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    strategy: Literal["random", "fixed"] = Field(
+    strategy: Literal["random", "fixed", "search"] = Field(
         "random",
         description="'random': a seeded stratified draw of `k_per_class` train examples per label (a generation "
-        "task: `k_per_class` in all); 'fixed': the train-split `positions` given.",
+        "task: `k_per_class` in all); 'fixed': the train-split `positions` given; 'search': `sets` such draws, each "
+        "scored with the initial instruction on the scoring set before the method starts, the best carried.",
     )
-    k_per_class: int = Field(1, ge=1, le=64, description="'random': demonstrations per label.")
+    k_per_class: int = Field(1, ge=1, le=64, description="'random' and 'search': demonstrations per label.")
+    sets: int = Field(
+        4,
+        ge=2,
+        le=32,
+        description="'search': stratified random sets compared at step 0 (each costs one scoring of the initial "
+        "instruction on the scoring set).",
+    )
     positions: list[int] | None = Field(
         None, min_length=1, max_length=512, description="'fixed': train-split positions, in the order shown."
     )
-    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="'random': the draw's seed (default: the job's).")
+    seed: int | None = Field(
+        None, ge=0, le=2**31 - 1, description="'random' and 'search': the draws' seed (default: the job's)."
+    )
     layout: Layout = Field("demonstrations_first", description=LAYOUT_DESCRIPTION)
 
     @model_validator(mode="after")
     def _positions(self) -> DemonstrationsParams:
         if self.strategy == "fixed" and not self.positions:
             raise ValueError("strategy 'fixed' needs positions (train-split positions)")
-        if self.strategy == "random" and self.positions is not None:
+        if self.strategy != "fixed" and self.positions is not None:
             raise ValueError("positions go with strategy 'fixed'")
         return self
 
@@ -73,18 +85,35 @@ def demonstrations_field() -> Any:
     )
 
 
+def set_size(spec: DemonstrationsParams, task: Task) -> int:
+    """Demonstrations in a drawn set: `k_per_class` per label (a generation task: `k_per_class`)."""
+    return spec.k_per_class * (len(task.labels) if task.labels else 1)
+
+
+def draw(spec: DemonstrationsParams, task: Task, seed: int) -> list[int]:
+    """A seeded stratified draw of `set_size` train-split positions, in the order shown."""
+    targets = [ex.target for ex in task.split_examples("train")]
+    return pick_demonstrations(targets, task.labels if task.labels else None, set_size(spec, task), seed)
+
+
 def resolve_positions(spec: DemonstrationsParams, task: Task, job_seed: int) -> list[int]:
-    """The train-split positions of the carried demonstrations, in the order shown."""
+    """The train-split positions of a fixed or random carried set, in the order shown ('search' chooses its set by
+    scoring, in `Optimizer.search_demonstrations`)."""
     n_train = len(task.split_examples("train"))
     if spec.strategy == "fixed":
         problem = check_positions(spec.positions or [], n_train)
         if problem is not None:
             raise ValueError(problem)
         return list(spec.positions or [])
-    targets = [ex.target for ex in task.split_examples("train")]
-    labels = task.labels if task.labels else None
-    count = spec.k_per_class * (len(labels) if labels else 1)
-    return pick_demonstrations(targets, labels, count, job_seed if spec.seed is None else spec.seed)
+    if spec.strategy == "search":
+        raise ValueError("a searched demonstration set is chosen by scoring, not drawn")
+    return draw(spec, task, job_seed if spec.seed is None else spec.seed)
+
+
+def search_calls(params: Any, scoring_size: int) -> int:
+    """LLM calls a 'search' strategy makes before the method starts (0 for any other)."""
+    spec = carried_spec(params)
+    return spec.sets * scoring_size if spec is not None and spec.strategy == "search" else 0
 
 
 def carried_spec(params: Any) -> DemonstrationsParams | None:
@@ -103,9 +132,13 @@ def split_problems(spec: DemonstrationsParams | None, n_train: int) -> list[tupl
 class CarriedDemonstrations:
     """One job's carried demonstration set."""
 
-    def __init__(self, spec: DemonstrationsParams, task: Task, job_seed: int) -> None:
+    def __init__(
+        self, spec: DemonstrationsParams, task: Task, job_seed: int, positions: list[int] | None = None
+    ) -> None:
         self.layout = spec.layout
-        self.demonstrations: list[Demonstration] = demonstrations_of(task, resolve_positions(spec, task, job_seed))
+        if positions is None:
+            positions = resolve_positions(spec, task, job_seed)
+        self.demonstrations: list[Demonstration] = demonstrations_of(task, positions)
 
     @property
     def positions(self) -> list[int]:

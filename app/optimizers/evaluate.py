@@ -15,7 +15,7 @@ from app.optimizers.base import (
     StepReport,
     train_subset_field,
 )
-from app.optimizers.demonstrations import DemonstrationsParams, demonstrations_field
+from app.optimizers.demonstrations import DemonstrationsParams, demonstrations_field, search_calls
 
 
 class EvaluateParams(MethodParams):
@@ -35,7 +35,8 @@ class Evaluate(Optimizer):
 
     @classmethod
     def expected_calls(cls, params: EvaluateParams, n_train: int, n_dev: int, num_layers: int = 30) -> int:
-        return cls.scoring_set_size(params, n_train) + n_dev
+        size = cls.scoring_set_size(params, n_train)
+        return size + n_dev + search_calls(params, size)
 
     async def score_prompts(
         self, ctx: OptimizerContext, prompts: list[str], step: int, examples: list[Example]

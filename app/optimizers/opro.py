@@ -43,7 +43,7 @@ from app.optimizers.base import (
     settle,
     train_subset_field,
 )
-from app.optimizers.demonstrations import DemonstrationsParams, demonstrations_field
+from app.optimizers.demonstrations import DemonstrationsParams, demonstrations_field, search_calls
 
 ExemplarSelection = Literal["random", "constant", "accumulative_most_frequent", "current_most_frequent"]
 InstructionPosition = Literal["template", "before_Q", "Q_begin", "Q_end", "A_begin"]
@@ -321,7 +321,7 @@ class Opro(Optimizer):
     @classmethod
     def expected_calls(cls, params: OproParams, n_train: int, n_dev: int, num_layers: int = 30) -> int:
         s, n, c = cls.scoring_set_size(params, n_train), params.steps, params.candidates_per_step
-        return s + n * c * s + n * c + (n + 1) * n_dev
+        return s + n * c * s + n * c + (n + 1) * n_dev + search_calls(params, s)
 
     # -- state ------------------------------------------------------------------------------------------
 

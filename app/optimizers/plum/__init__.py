@@ -36,7 +36,7 @@ from app.optimizers.base import (
     instruction_hash,
     train_subset_field,
 )
-from app.optimizers.demonstrations import DemonstrationsParams, demonstrations_field
+from app.optimizers.demonstrations import DemonstrationsParams, demonstrations_field, search_calls
 from app.optimizers.plum.edits import ALL_OPS, Cand, EditOp, Editor, llm_paraphraser
 from app.optimizers.plum.searches import Search, make_search
 
@@ -161,7 +161,7 @@ class Plum(Optimizer):
         p = params
         s, m, iterations = cls.scoring_set_size(p, n_train), p.num_candidates, p.num_iterations
         children = m + (p.num_offspring if p.algorithm == "genetic_crossover" else 0)
-        return s + iterations * (children * s + m * p.num_compose) + (iterations + 1) * n_dev
+        return s + iterations * (children * s + m * p.num_compose) + (iterations + 1) * n_dev + search_calls(p, s)
 
     @property
     def done(self) -> bool:
