@@ -15,12 +15,12 @@ import asyncio
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 
 from app.settings import Settings
+from bench.bench_study import run_study
 from workers.embedded import create_embedded_app, embedded_settings
 
 ARMS = ("fewshot", "evaluate", "evaluate+demos", "opro", "crosstune", "bbt")
@@ -99,27 +99,6 @@ def markdown(study: dict, costs: dict[str, list[dict]]) -> str:
             f"{row['mean_llm_calls'] or 0:.0f} | {per_call:.0f} | {example} | {row['mean_seconds'] or 0:.0f} |"
         )
     return "\n".join(lines)
-
-
-async def run_study(client: httpx.AsyncClient, body: dict, out: Path | None) -> dict:
-    started = time.perf_counter()
-    response = await client.post("/v1/studies", json=body)
-    response.raise_for_status()
-    study_id = response.json()["id"]
-    last = None
-    while True:
-        study = (await client.get(f"/v1/studies/{study_id}")).json()
-        line = f"{study['status']} {study['jobs']}"
-        if line != last:
-            print(f"{time.perf_counter() - started:7.0f}s {body['name']}: {line}", flush=True)
-            last = line
-        if out:
-            await asyncio.to_thread(out.write_text, json.dumps(study, indent=2))
-        if study["status"] in ("completed", "cancelled"):
-            break
-        await asyncio.sleep(5)
-    study["wall_seconds"] = time.perf_counter() - started
-    return study
 
 
 async def run(args: argparse.Namespace) -> list[tuple[dict, dict]]:

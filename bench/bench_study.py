@@ -95,6 +95,29 @@ def markdown(study: dict) -> str:
     return "\n".join(lines)
 
 
+async def run_study(client: httpx.AsyncClient, body: dict, out: Path | None) -> dict:
+    """Submit a study, print each change of its job counts, keep the latest state in `out` (should the run be
+    stopped early) and return it when it ends, with its wall seconds."""
+    started = time.perf_counter()
+    response = await client.post("/v1/studies", json=body)
+    response.raise_for_status()
+    study_id = response.json()["id"]
+    last = None
+    while True:
+        study = (await client.get(f"/v1/studies/{study_id}")).json()
+        line = f"{study['status']} {study['jobs']}"
+        if line != last:
+            print(f"{time.perf_counter() - started:7.0f}s {body['name']}: {line}", flush=True)
+            last = line
+        if out:
+            await asyncio.to_thread(out.write_text, json.dumps(study, indent=2))
+        if study["status"] in ("completed", "cancelled"):
+            break
+        await asyncio.sleep(5)
+    study["wall_seconds"] = time.perf_counter() - started
+    return study
+
+
 async def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         base = Settings()
@@ -105,7 +128,6 @@ async def run(args: argparse.Namespace) -> dict:
         app = create_embedded_app(settings)
         async with app.router.lifespan_context(app):
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://b") as client:
-                started = time.perf_counter()
                 test_dataset = None
                 if args.test_per_class:
                     pool, test = held_out_split(args.test_per_class)
@@ -115,23 +137,7 @@ async def run(args: argparse.Namespace) -> dict:
                 body = study_body(args.methods, args.seeds, args.per_class, args.max_llm_calls, test_dataset)
                 if test_dataset is not None:
                     body["task"]["dataset"] = made.json()["id"]
-                response = await client.post("/v1/studies", json=body)
-                response.raise_for_status()
-                study_id = response.json()["id"]
-                last = None
-                while True:
-                    study = (await client.get(f"/v1/studies/{study_id}")).json()
-                    line = f"{time.perf_counter() - started:7.0f}s {study['status']} {study['jobs']}"
-                    if line.split("s ", 1)[1] != last:
-                        print(line, flush=True)
-                        last = line.split("s ", 1)[1]
-                    if args.out:  # the leaderboard so far, should the run be stopped early
-                        args.out.write_text(json.dumps(study, indent=2))
-                    if study["status"] in ("completed", "cancelled"):
-                        break
-                    await asyncio.sleep(5)
-                study["wall_seconds"] = time.perf_counter() - started
-                return study
+                return await run_study(client, body, args.out)
 
 
 def main() -> None:
