@@ -205,6 +205,32 @@ def test_nearest_neighbours_are_the_most_similar_without_the_example_itself(fake
         assert rebuilt.text_for(example) == prompt.text_for(example)
 
 
+async def test_each_text_is_embedded_once_across_the_nearest_neighbour_prompts_of_a_job(monkeypatch):
+    """Prompts with other k or instructions embed the same pool and inputs: each text goes to the model once, and
+    the neighbours are those an uncached embedder gives."""
+    seen: list[str] = []
+
+    def counting(texts: list[str]) -> np.ndarray:
+        seen.extend(texts)
+        return word_embedder(texts)
+
+    monkeypatch.setattr(demos, "default_embedder", counting)
+    monkeypatch.setattr(demos, "embedding_model_id", lambda: f"test-count-{id(seen)}")
+    task = make_task()
+    positions = list(range(len(task.split_examples("train"))))
+    prompts = [NearestDemonstrations.from_task(task, positions, i, k) for i, k in (("Answer.", 2), ("Decide.", 4))]
+    dev = task.split_examples("dev")
+    for prompt in prompts:
+        await prompt.prepare(dev)
+        await prompt.prepare(task.split_examples("test"))
+    texts = [ex.input for ex in task.split_examples("train") + dev + task.split_examples("test")]
+    assert sorted(seen) == sorted(set(texts))  # each once
+    uncached = NearestDemonstrations.from_task(task, positions, "Decide.", 4, embedder=word_embedder)
+    assert uncached.model == "custom"
+    for example in dev:
+        assert uncached.positions_for(example) == prompts[1].positions_for(example)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Successive halving
 

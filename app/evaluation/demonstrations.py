@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -223,16 +224,34 @@ def example_digest(example: Example) -> str:
     return hashlib.md5(f"{example.input}\x00{example.target}".encode()).hexdigest()
 
 
-# Pool embeddings by (model, pool texts): `predict` and the test scoring rebuild the same pool again and again.
-_POOL_CACHE: OrderedDict[str, np.ndarray] = OrderedDict()
-_POOL_CACHE_SIZE = 8
+# Sentence embeddings by (model, text): every nearest-neighbour prompt of a job embeds the same pool and inputs, and
+# `predict` and the test scoring rebuild the same pool again and again. The most recently used are kept (16,384
+# vectors of 384 floats: 25 MB); an unnamed ("custom") embedder is never cached.
+_EMBEDDINGS: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+_EMBEDDINGS_SIZE = 16_384
+_EMBEDDINGS_LOCK = threading.Lock()
 
 
-def _pool_key(model: str, texts: Sequence[str]) -> str:
-    digest = hashlib.sha256(model.encode())
-    for text in texts:
-        digest.update(b"\x00" + text.encode())
-    return digest.hexdigest()
+def cached_embeddings(embedder: Embedder, model: str, texts: Sequence[str]) -> np.ndarray:
+    """Embeddings of `texts` (rows in order), each text embedded once per process for a named model."""
+    if model == "custom":
+        return np.asarray(embedder(list(texts)), dtype=np.float32)
+    found: dict[str, np.ndarray] = {}
+    with _EMBEDDINGS_LOCK:
+        for text in texts:
+            vector = _EMBEDDINGS.get((model, text))
+            if vector is not None:
+                _EMBEDDINGS.move_to_end((model, text))
+                found[text] = vector
+    missing = list(dict.fromkeys(text for text in texts if text not in found))
+    if missing:
+        vectors = np.asarray(embedder(missing), dtype=np.float32)
+        with _EMBEDDINGS_LOCK:
+            for text, vector in zip(missing, vectors, strict=True):
+                found[text] = _EMBEDDINGS[(model, text)] = vector
+            while len(_EMBEDDINGS) > _EMBEDDINGS_SIZE:
+                _EMBEDDINGS.popitem(last=False)
+    return np.stack([found[text] for text in texts])
 
 
 class NearestDemonstrations(PerExamplePrompt):
@@ -290,22 +309,13 @@ class NearestDemonstrations(PerExamplePrompt):
     def _embed_pool(self) -> np.ndarray:
         if self._pool_vectors is None:
             texts = [text for _, _, text, _ in self.pool]
-            key = _pool_key(self.model, texts)
-            vectors = _POOL_CACHE.get(key)
-            if vectors is None:
-                vectors = np.asarray(self.embedder(texts), dtype=np.float32)
-                _POOL_CACHE[key] = vectors
-                while len(_POOL_CACHE) > _POOL_CACHE_SIZE:
-                    _POOL_CACHE.popitem(last=False)
-            else:
-                _POOL_CACHE.move_to_end(key)
-            self._pool_vectors = vectors
+            self._pool_vectors = cached_embeddings(self.embedder, self.model, texts)
         return self._pool_vectors
 
     def _rank(self, inputs: list[str], keep: int | None = None) -> None:
         """Rank the pool for each input (the first `keep`, by default k and a margin for left-out copies)."""
         pool = self._embed_pool()
-        queries = np.asarray(self.embedder([text[:EMBED_CHARS] for text in inputs]), dtype=np.float32)
+        queries = cached_embeddings(self.embedder, self.model, [text[:EMBED_CHARS] for text in inputs])
         similarity = np.round(queries @ pool.T, _SIMILARITY_DECIMALS)
         keep = min(len(self.pool), self.k + 8 if keep is None else keep)
         for text, row in zip(inputs, similarity, strict=True):
