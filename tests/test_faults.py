@@ -191,7 +191,6 @@ async def test_job_waits_while_the_llm_server_is_down(database_url, fake_llm, tm
             job_id = (await client.post("/v1/jobs", json=body)).json()["id"]
             await fake_llm.wait_held(1, wait_s=60)
             proxy.cut()  # the server "restarts": in-flight requests are reset, new ones refused
-            fake_llm.release()
             down_since = time.monotonic()
             await asyncio.sleep(2)
             backends = {b["name"]: b for b in (await client.get("/v1/backends")).json()}
@@ -200,6 +199,10 @@ async def test_job_waits_while_the_llm_server_is_down(database_url, fake_llm, tm
             assert ready.status_code == 200 and ready.json()["checks"]["backend:default"].startswith("down")
             await asyncio.sleep(max(0.0, 10 - (time.monotonic() - down_since)))
             assert (await client.get(f"/v1/jobs/{job_id}")).json()["status"] == "running"
+            # The held requests' connections were reset seconds ago, so the fake sees them gone and completes none
+            # of them (released at the cut, one could finish before the reset reached the fake: answered by the
+            # server, never received by the worker).
+            fake_llm.release()
             proxy.restore()
             job = await wait_for_status(client, job_id, {"succeeded", "failed"}, wait_s=120)
             assert (await client.get("/readyz")).json()["checks"]["backend:default"] == "ok"
