@@ -358,9 +358,10 @@ class Optimizer(ABC):
     async def score_prompts(
         self, ctx: OptimizerContext, prompts: list[str], step: int, examples: list[Example]
     ) -> list[CandidateResult]:
-        """Score prompts on `examples` in one batch and remember them; the new ones come back as candidates.
-        Needed by the default `initial_step`."""
-        raise NotImplementedError(f"{self.method} scores its initial prompt in its own initial_step")
+        """Score prompts on `examples` in one batch; each comes back as a candidate of `step` (used by the default
+        `initial_step`). Methods that remember what they scored override it."""
+        scores = await ctx.evaluator.score(prompts, split="train", examples=examples)
+        return [CandidateResult(s.prompt, s.score, step) for s in scores]
 
     @abstractmethod
     async def search_step(self, ctx: OptimizerContext, step: int) -> StepReport:

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from app.evaluation.task import Example
 from app.optimizers.base import (
-    CandidateResult,
     MethodParams,
     Optimizer,
     OptimizerContext,
@@ -37,12 +35,6 @@ class Evaluate(Optimizer):
     def expected_calls(cls, params: EvaluateParams, n_train: int, n_dev: int, num_layers: int = 30) -> int:
         size = cls.scoring_set_size(params, n_train)
         return size + n_dev + search_calls(params, size)
-
-    async def score_prompts(
-        self, ctx: OptimizerContext, prompts: list[str], step: int, examples: list[Example]
-    ) -> list[CandidateResult]:
-        scores = await ctx.evaluator.score(prompts, split="train", examples=examples)
-        return [CandidateResult(s.prompt, s.score, step) for s in scores]
 
     async def search_step(self, ctx: OptimizerContext, step: int) -> StepReport:
         raise RuntimeError("evaluate has no search steps")

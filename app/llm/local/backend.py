@@ -31,7 +31,6 @@ from app.llm.local.attention import ROWWISE_ATTENTION, register_rowwise_attentio
 from app.llm.local.convert import SOURCE_FILE, convert_gguf, default_gguf_path, slug
 from app.llm.local.dtype import resolve_dtype
 from app.llm.local.sampling import SampleRow, choose
-from app.llm.local.shared_prefix import plan_shared_prefixes
 from app.llm.port import (
     FEATURE_POOLINGS,
     BackendError,
@@ -196,7 +195,7 @@ class LocalBackend:
         plain = groups.get(("plain", 0), [])
         if self.prefix_reuse and len(plain) > 1:
             # Plain prompts sharing a long head (demonstrations, an instruction over many inputs) run it once.
-            heads, rest = plan_shared_prefixes([encoded[i] for i in plain])
+            heads, rest = shared_prefix.plan_shared_prefixes([encoded[i] for i in plain])
             groups[("plain", 0)] = [plain[k] for k in rest]
             for head_length, members in heads:
                 rows = sorted((plain[k] for k in members), key=length, reverse=True)

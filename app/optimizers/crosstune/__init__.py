@@ -218,12 +218,6 @@ class CrossTune(Optimizer):
         # dev features in the cache.
         return (s + n_dev) + written + augment + (s + n_dev + labels)
 
-    async def score_prompts(
-        self, ctx: OptimizerContext, prompts: list[str], step: int, examples: list[Example]
-    ) -> list[CandidateResult]:
-        scores = await ctx.evaluator.score(prompts, split="train", examples=examples)
-        return [CandidateResult(s.prompt, s.score, step) for s in scores]
-
     # -- step 1 -------------------------------------------------------------------------------------------
 
     async def search_step(self, ctx: OptimizerContext, step: int) -> StepReport:
